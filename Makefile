@@ -1,0 +1,27 @@
+# The two commands a newcomer types: `make test` and `make demo`. Each sets up .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On this project's machines `torch==2.13.0` is a CPU build on local disk; installing it first keeps pip from
+# pulling a multi-GB CUDA build to satisfy the unpinned requirement.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: test demo setup clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/stepdistill demo --output_dir runs/demo
+
+clean-venv:
+	rm -rf $(VENV)

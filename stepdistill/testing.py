@@ -1,0 +1,106 @@
+"""Tiny random Stable Diffusion pipelines built from configs, offline, for tests and smoke runs.
+
+Each builder saves a complete pipeline folder with ``save_pretrained`` and returns its path, so callers load it with
+``from_pretrained`` exactly as users load real models. Built in well under a second each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .tokenizer import write_clip_tokenizer
+
+WORDS = ("a photo of the an painting red blue green cat dog astronaut riding horse on moon small large "
+         "house tree in with digit number").split()
+
+
+def _tokenizer(directory: Path):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(directory, list(WORDS), model_max_length=77)
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def _text_encoder(tokenizer, hidden: int, projection: bool = False, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act=act,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16, scaling_factor=scaling_factor,
+    )
+
+
+def _sd_scheduler_config(prediction_type: str) -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def build_tiny_sd(directory: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A tiny SD 1.x pipeline (or SD 2.x-like with ``prediction_type="v_prediction"``) at 16x16 pixels."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(directory / "_tokenizer_src")
+    v = prediction_type == "v_prediction"
+    text_encoder = _text_encoder(tokenizer, 32, act="gelu" if v else "quick_gelu")
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4) if v else 8, use_linear_projection=v, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**_sd_scheduler_config(prediction_type)), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory / "pipeline", safe_serialization=True)
+    return directory / "pipeline"
+
+
+def build_tiny_sd2_v(directory: str | Path, seed: int = 0) -> Path:
+    return build_tiny_sd(directory, prediction_type="v_prediction", seed=seed)
+
+
+def build_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL pipeline: two text encoders (the second with projection → pooled embeds), ``text_time``
+    additional embeddings, Euler scheduler, 16x16 pixels."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(directory / "_tokenizer_src")
+    text_encoder = _text_encoder(tokenizer, 32, act="gelu")
+    text_encoder_2 = _text_encoder(tokenizer, 32, projection=True, act="gelu")
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size, norm_num_groups=8,
+    )
+    config = {k: v for k, v in _sd_scheduler_config("epsilon").items() if k not in ("clip_sample", "set_alpha_to_one")}
+    scheduler = EulerDiscreteScheduler(**config, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(directory / "pipeline", safe_serialization=True)
+    return directory / "pipeline"
