@@ -9,7 +9,7 @@ of the generated images.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -70,6 +70,16 @@ def _inception(weights: str | None) -> nn.Module:
                               feature_extractor_weights_path=weights)
 
 
+@torch.no_grad()
+def _probe_num_features(extractor: nn.Module, input_img_size: tuple[int, int, int]) -> int:
+    dummy = torch.zeros((2, *input_img_size), dtype=torch.uint8)
+    try:
+        return int(extractor(dummy).reshape(2, -1).shape[1])
+    except Exception as e:
+        raise ValueError(f"cannot infer the feature size of {type(extractor).__name__} from a {input_img_size} "
+                         f"image ({e}); give it a `num_features` attribute or pass num_features/input_img_size") from e
+
+
 def make_fid(feature_extractor: nn.Module | str = "inception", *, inception_weights: str | None = None,
              num_features: int | None = None, input_img_size: tuple[int, int, int] = (3, 299, 299),
              reset_real_features: bool = True, **kwargs: Any):
@@ -88,6 +98,8 @@ def make_fid(feature_extractor: nn.Module | str = "inception", *, inception_weig
         extractor, num_features = _inception(inception_weights), 2048
     elif isinstance(feature_extractor, nn.Module):
         extractor = feature_extractor
+        if num_features is None and not hasattr(extractor, "num_features"):
+            num_features = _probe_num_features(extractor, input_img_size)
     else:
         raise TypeError(f"feature_extractor must be an nn.Module or 'inception', got {type(feature_extractor)}")
     return FrechetInceptionDistance(feature=_Float64Features(extractor, num_features), normalize=False,
@@ -178,17 +190,18 @@ def load_stats(path: str | Path) -> FeatureStats:
     if not path.is_file():
         raise FileNotFoundError(f"no FID reference stats at {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("mu", "sigma") if k not in data.files]
-            if missing:
-                raise ValueError(f"{path} is not an FID stats file: it lacks {', '.join(missing)}")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
-    except ValueError:
-        raise
-    except Exception as e:  # a truncated or non-npz file: name the file rather than a zipfile internal
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not an .npz archive")
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except Exception as e:  # a truncated or foreign file: name the file rather than a zipfile internal
         raise ValueError(f"cannot read FID reference stats from {path}: {e}") from e
-    return FeatureStats(mu, sigma, meta)
+    missing = [k for k in ("mu", "sigma") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} is not an FID stats file: it lacks {', '.join(missing)}")
+    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    return FeatureStats(arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), meta)
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
@@ -205,7 +218,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     """
     mu1, mu2, sigma1, sigma2 = _np64(mu1), _np64(mu2), _np64(sigma1), _np64(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     root1 = _sqrt_psd(sigma1)
     eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
@@ -282,7 +296,8 @@ class ClipScore:
         # torchmetrics only accepts a handful of hub ids as strings (no local folders), and with transformers >= 5
         # it fails on the output objects get_*_features now return; a callable bypasses its loader, and the
         # adapter hands it plain tensors
-        self.metric = CLIPScore(model_name_or_path=lambda: (_TensorFeaturesCLIP(model), _TruncatingProcessor(processor)))
+        self.metric = CLIPScore(
+            model_name_or_path=lambda: (_TensorFeaturesCLIP(model), _TruncatingProcessor(processor)))
 
     def update(self, images_uint8: Tensor | list[Tensor], prompts: list[str] | str) -> None:
         """Add a batch of uint8 images ``(N, 3, H, W)`` and their ``N`` prompts."""
@@ -319,14 +334,14 @@ def build_tiny_clip(directory: str | Path, words: list[str] | None = None, seed:
     """
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    try:
-        from transformers import CLIPImageProcessor
-        image_processor_cls = CLIPImageProcessor
-        image_processor_cls()
-    except ImportError:  # the default (fast) processor needs torchvision; the PIL one does not
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as image_processor_cls
-
     from .tokenizer import write_clip_tokenizer
+
+    # transformers 5's default CLIPImageProcessor needs torchvision (and warns when it falls back), so build with
+    # the PIL backend; the saved config still names CLIPImageProcessor, so loading picks whichever is available
+    try:
+        from transformers import CLIPImageProcessorPil as image_processor_cls
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL/numpy one
+        from transformers import CLIPImageProcessor as image_processor_cls
 
     directory = Path(directory)
     max_length = 77

@@ -117,6 +117,9 @@ class Teacher:
         pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs)
         check_supported(type(pipe).__name__, str(path_or_id))
         pipe.set_progress_bar_config(disable=True)
+        for component in pipe.components.values():  # the teacher is frozen; students are made trainable
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
         return cls(pipe.to(device))
 
     @property
@@ -271,12 +274,17 @@ class Teacher:
         return float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
+    def latent_dist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] → mean and std of the VAE posterior, in scaled latent space."""
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (dist.mean - shift) * self.scaling_factor, dist.std * self.scaling_factor
+
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] → scaled VAE latents (a posterior sample, as SD training does)."""
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.scaling_factor
+        mean, std = self.latent_dist(images)
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""stepdistill: distil Diffusers text-to-image models into few-step or guidance-free students."""
+
+from .errors import StepdistillError
+from .teacher import Conditioning, Teacher
+
+__version__ = "0.1.0"
+__all__ = ["Conditioning", "StepdistillError", "Teacher", "__version__"]

@@ -1,0 +1,109 @@
+"""The ``stepdistill`` command. Subcommands: ``toy build|export-data|quality``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import StepdistillError
+
+
+def _toy_build(args) -> None:
+    from .toy.build import BuildConfig, build
+
+    cfg = BuildConfig(seed=args.seed)
+    if args.fast:  # a smoke-test world: same code path, minutes → seconds, no quality promise
+        cfg.vae_steps, cfg.unet_steps, cfg.classifier_steps = 30, 30, 30
+    summary = build(args.output_dir, cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+
+
+def _toy_export(args) -> None:
+    from .toy.export import export_data
+
+    out = export_data(args.directory, seed=args.seed)
+    print(f"wrote {out}/metadata.jsonl and the digit images")
+
+
+def _toy_quality(args) -> None:
+    from .toy.evaluate import format_table, quality_table
+
+    _require_world(args.model)
+    steps = [int(s) for s in args.steps.split(",")]
+    result = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=args.guidance_scale,
+                           batch_size=args.batch_size, seed=args.seed, grid_path=args.grid)
+    print(format_table(result))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=2))
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, model=args.model, num_images=args.num_images)
+
+
+def _require_world(path: str) -> None:
+    p = Path(path)
+    if not (p / "model_index.json").is_file():
+        raise StepdistillError(f"{path} is not a Diffusers pipeline folder; build the world with `stepdistill toy "
+                               "build` or pass --model")
+    if not (p / "digits_classifier.safetensors").is_file():
+        raise StepdistillError(f"{path} has no digits_classifier.safetensors; it is not a tiny-digits world")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .toy import WORLD_DIR
+
+    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    toy = sub.add_parser("toy", help="the embedded tiny-digits world").add_subparsers(dest="toy_command",
+                                                                                      required=True)
+    p = toy.add_parser("build", help="train the tiny-digits pipeline and classifier from scratch")
+    p.add_argument("--output_dir", default=str(WORLD_DIR))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a few steps only, for smoke tests")
+    p.set_defaults(func=_toy_build)
+
+    p = toy.add_parser("export-data", help="write the digits as an image folder with metadata.jsonl")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_toy_export)
+
+    p = toy.add_parser("quality", help="the teacher's quality bar: DDIM at several step counts")
+    p.add_argument("--model", default=str(WORLD_DIR))
+    p.add_argument("--num_images", type=int, default=1000)
+    p.add_argument("--steps", default="25,8,4,2")
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--batch_size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="write one image per digit per step count as a PNG grid")
+    p.add_argument("--output_json", default=None)
+    p.set_defaults(func=_toy_quality)
+
+    p = sub.add_parser("demo", help="the main job on the tiny-digits world; writes runs/demo/")
+    p.add_argument("--output_dir", default="runs/demo")
+    p.add_argument("--model", default=str(WORLD_DIR))
+    p.add_argument("--num_images", type=int, default=1000)
+    p.set_defaults(func=_demo)
+    from .evaluation import register as register_evaluation; register_evaluation(sub)  # noqa: E702
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except StepdistillError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Configuration: one dataclass per method, filled from a YAML file (``--config``) and the command line (which
+wins). Every field carries its help text; unknown keys are errors that name the key."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import StepdistillError
+
+
+def option(default, help: str, choices: tuple | None = None, **kwargs):
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Options every trainer shares. Names follow the Diffusers training scripts."""
+
+    pretrained_model_name_or_path: str = option("assets/tiny-digits-sd", "base pipeline: a local folder or hub id")
+    output_dir: str = option("runs/train", "where the LoRA/adapters, recipe, checkpoints and samples go")
+    revision: str | None = option(None, "hub revision of the base pipeline")
+    # data
+    train_data_dir: str | None = option(None, "image folder with metadata.jsonl (file_name, text)")
+    dataset_name: str | None = option(None, "a Hugging Face dataset name or path (needs `datasets`)")
+    image_column: str = option("image", "image column of --dataset_name")
+    caption_column: str = option("text", "caption column of --dataset_name / metadata.jsonl")
+    train_shards: str | None = option(None, "WebDataset shard pattern, e.g. data/{00000..00099}.tar (needs "
+                                            "`webdataset`)")
+    prompts_file: str | None = option(None, "one prompt per line, for data-free methods")
+    max_train_samples: int | None = option(None, "use only the first N samples of the data")
+    cache_latents: bool = option(False, "encode every image with the VAE once, before training")
+    max_bad_images: int = option(10, "unreadable images are skipped with a warning; more than this many is an error")
+    resolution: int | None = option(None, "training resolution in pixels (default: the base model's)")
+    # optimisation
+    max_train_steps: int = option(1000, "number of optimisation iterations")
+    train_batch_size: int = option(16, "batch size per process")
+    gradient_accumulation_steps: int = option(1, "accumulate this many batches per optimiser step")
+    learning_rate: float = option(1e-4, "learning rate of the student")
+    lr_scheduler: str = option("constant", "constant | cosine | linear (after warm-up)",
+                               choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = option(0, "linear warm-up iterations")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    mixed_precision: str = option("no", "no | fp16 | bf16", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
+    seed: int = option(0, "seed of data order, noise and initialisation")
+    # LoRA
+    use_lora: bool = option(True, "train a LoRA (false: the full UNet)")
+    lora_rank: int = option(64, "LoRA rank")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    # checkpoints, logging, validation
+    checkpointing_steps: int = option(500, "save a resumable checkpoint every N iterations")
+    checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint directory")
+    report_to: str | None = option(None, "tensorboard | wandb", choices=(None, "tensorboard", "wandb"))
+    validation_steps: int = option(0, "write a sample grid every N iterations (0: only at the end)")
+    validation_prompts: list = option([], "prompts of the validation grid (default: the first 8 training captions)")
+    dataloader_num_workers: int = option(0, "worker processes that load images")
+
+
+def _field_type(f: dataclasses.Field, owner) -> Any:
+    hints = typing.get_type_hints(owner)
+    return hints[f.name]
+
+
+def _scalar_parser(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _scalar_parser(args[0])
+    if tp is bool:
+        return _parse_bool
+    if tp in (int, float, str):
+        return tp
+    if tp is list or origin is list:
+        return _parse_list
+    return str
+
+
+def _parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _parse_list(value: str | list) -> list:
+    if isinstance(value, list):
+        return value
+    return [v.strip() for v in value.split("|" if "|" in value else ",") if v.strip()]
+
+
+def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(config_class.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
+    for f in fields(config_class):
+        tp = _field_type(f, config_class)
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        parse = _scalar_parser(tp)
+        if parse is _parse_bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs["type"] = parse
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_config(config_class, argv: list[str] | None = None, prog: str | None = None):
+    """YAML (``--config``) then command line into ``config_class``. Errors name the offending key or value."""
+    import yaml
+
+    parser = build_parser(config_class, prog)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    values: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise StepdistillError(f"--config {config_path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise StepdistillError(f"{config_path}: expected a mapping of option: value")
+        names = {f.name: f for f in fields(config_class)}
+        for key, value in loaded.items():
+            if key not in names:
+                close = [n for n in names if n.startswith(key[:4])][:3]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise StepdistillError(f"{config_path}: unknown option {key!r} for {config_class.__name__}{hint}")
+            parse = _scalar_parser(_field_type(names[key], config_class))
+            try:
+                values[key] = value if value is None else parse(value)
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise StepdistillError(f"{config_path}: option {key!r}: {e}") from e
+    values.update(args)
+    config = config_class(**values)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config

@@ -1,0 +1,162 @@
+"""What a distillation method is to the shared loop: networks to train, a loss per phase, which phases run on an
+iteration, and what it writes at the end. Nothing here parses arguments, checkpoints or logs."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..lora import add_lora, save_lora
+from ..randomness import StepRandom
+from ..recipe import Recipe
+from ..teacher import Conditioning, Teacher
+
+
+class DistillationMethod:
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    needs_images: ClassVar[bool] = True
+
+    def __init__(self, config, teacher: Teacher):
+        self.config = config
+        self.teacher = teacher
+        self.networks: dict[str, nn.Module] = {}  # optimiser name → trainable module (unwrapped)
+        self.wrapped: dict[str, nn.Module] = {}  # the same, as the accelerator prepared it (DDP etc.)
+        self.build()
+
+    # ------------------------------------------------------------- to override
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def phases(self, step: int) -> list[str]:
+        """Which optimisers update on iteration ``step``, in order (two time-scale methods alternate here)."""
+        return ["student"]
+
+    def loss(self, phase: str, batch: dict[str, Any], rng: StepRandom, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def recipe(self) -> Recipe:
+        raise NotImplementedError
+
+    def after_update(self, phase: str, step: int) -> None:
+        """Called after an optimiser step of ``phase`` (EMA targets update here)."""
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors besides the trainable weights that a checkpoint must keep (EMA weights)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        pass
+
+    def learning_rate(self, name: str) -> float:
+        return self.config.learning_rate
+
+    def optimizer_kwargs(self, name: str) -> dict:
+        c = self.config
+        return {"betas": (c.adam_beta1, c.adam_beta2), "weight_decay": c.adam_weight_decay, "eps": c.adam_epsilon}
+
+    # ------------------------------------------------------------- shared helpers
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for p in self.networks[name].parameters() if p.requires_grad]
+
+    def net(self, name: str) -> nn.Module:
+        """The module to call when its gradients are wanted (the DDP-wrapped one in distributed runs)."""
+        return self.wrapped.get(name, self.networks[name])
+
+    def student_unet(self):
+        """The UNet that samples: the teacher's own UNet carrying a LoRA, or a separate full student."""
+        return self.networks["student"]
+
+    def make_student(self) -> nn.Module:
+        """A LoRA on the teacher's UNet (teacher = adapters off) or a full trainable copy."""
+        c = self.config
+        if c.use_lora:
+            add_lora(self.teacher.unet, c.lora_rank, c.lora_alpha, seed=c.seed)
+            return self.teacher.unet
+        student = copy.deepcopy(self.teacher.unet).requires_grad_(True)
+        return student
+
+    @contextlib.contextmanager
+    def teacher_mode(self):
+        """Inside: ``self.teacher.unet`` is the frozen teacher (LoRA adapters disabled when they share it)."""
+        unet = self.teacher.unet
+        shared = self.config.use_lora and getattr(unet, "_hf_peft_config_loaded", False)
+        if shared:
+            unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            if shared:
+                unet.enable_adapters()
+
+    def conditioning(self, prompts: list[str], resolution: int | None = None) -> Conditioning:
+        return self.teacher.encode_prompt(prompts, resolution or self.config.resolution).to(self.teacher.device)
+
+    def clean_latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
+        """z0 for the batch: a VAE posterior sample (from the cache, or encoded now)."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.teacher.device), batch["latent_std"].to(self.teacher.device)
+            return mean + std * rng.randn_like(mean)
+        mean, std = self.teacher.latent_dist(batch["pixel_values"])
+        return mean + std * rng.randn_like(mean)
+
+    # ------------------------------------------------------------- output
+    def sampling_pipeline(self):
+        """A stock pipeline over the current student with the recipe's scheduler (for validation grids)."""
+        pipe = self.teacher.pipe
+        recipe = self.recipe()
+        components = dict(pipe.components)
+        components["unet"] = self.student_unet()
+        components["scheduler"] = recipe.make_scheduler(pipe.scheduler.config)
+        if "safety_checker" in components:
+            components["requires_safety_checker"] = False
+        sampler = type(pipe)(**components)
+        sampler.set_progress_bar_config(disable=True)
+        return sampler
+
+    def save_output(self, output_dir: str | Path) -> None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recipe = self.recipe()
+        if recipe.adapter == "lora":
+            save_lora(self.student_unet(), output_dir, type(self.teacher.pipe))
+        elif recipe.adapter == "full_unet":
+            self.student_unet().save_pretrained(output_dir / "unet", safe_serialization=True)
+        recipe.save(output_dir)
+        (output_dir / "README.md").write_text(model_card(recipe, type(self.teacher.pipe).__name__))
+
+
+def model_card(recipe: Recipe, pipeline_class: str) -> str:
+    call = ", ".join(f"{k}={v!r}" for k, v in recipe.call_kwargs().items())
+    load = ("pipe.load_lora_weights(student_dir)" if recipe.adapter == "lora" else
+            "pipe.unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder='unet')")
+    kwargs = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_kwargs.items())
+    return f"""---
+library_name: diffusers
+base_model: {recipe.base_model}
+tags: [stepdistill, {recipe.method}, text-to-image]
+---
+# {recipe.method} student of `{recipe.base_model}`
+
+Trained with stepdistill ({recipe.method}). Sampling recipe
+(`stepdistill.json`): {recipe.scheduler}, {recipe.num_inference_steps} steps, timesteps {recipe.timesteps},
+guidance scale {recipe.guidance_scale}.
+
+```python
+import torch
+from diffusers import {pipeline_class}, {recipe.scheduler}, UNet2DConditionModel
+
+student_dir = "path/to/this/folder"
+pipe = {pipeline_class}.from_pretrained("{recipe.base_model}")
+{load}
+pipe.scheduler = {recipe.scheduler}.from_config(pipe.scheduler.config{kwargs})
+image = pipe("a prompt", {call}).images[0]
+```
+
+or, with stepdistill installed: `pipe = stepdistill.load(pipe, student_dir)`.
+"""

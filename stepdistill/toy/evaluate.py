@@ -1,0 +1,112 @@
+"""The tiny-digits world's metrics: digits-FID (Fréchet distance on the digits classifier's penultimate features)
+and prompt agreement (share of images the classifier reads as the prompted digit), plus the teacher's quality bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import metrics
+from ..errors import StepdistillError
+from . import data
+from .classifier import DigitsClassifier
+
+
+@dataclass
+class DigitsReference:
+    """Feature statistics of the real digits (all 1797, quantised to uint8 like any saved image)."""
+
+    mu: object
+    sigma: object
+    count: int
+
+
+class DigitsJudge:
+    """Scores generated digits against the real ones with the world's classifier."""
+
+    def __init__(self, classifier: DigitsClassifier):
+        self.classifier = classifier
+        images, labels = data.load_digits_images()
+        self.real_images = data.to_uint8(images)
+        self.real_labels = labels
+        features = metrics.extract_features(classifier, self.real_images)
+        mu, sigma = metrics.stats_from_features(features)
+        self.reference = DigitsReference(mu, sigma, len(features))
+        self._real_features = features
+
+    @classmethod
+    def from_world(cls, world_dir: str | Path) -> "DigitsJudge":
+        return cls(DigitsClassifier.load(world_dir))
+
+    def real_vs_real_fid(self, seed: int = 0) -> float:
+        """FID between two random halves of the real digits: the floor no generator can go below at this size."""
+        perm = torch.randperm(len(self._real_features), generator=torch.Generator().manual_seed(seed))
+        a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        return metrics.frechet_distance(*metrics.stats_from_features(self._real_features[a]),
+                                        *metrics.stats_from_features(self._real_features[b]))
+
+    @torch.no_grad()
+    def score(self, images_uint8: torch.Tensor, prompts: Sequence[str]) -> dict:
+        if len(images_uint8) != len(prompts):
+            raise StepdistillError(f"{len(images_uint8)} images but {len(prompts)} prompts")
+        if len(images_uint8) < 2:
+            raise StepdistillError("digits-FID needs at least 2 images")
+        targets = torch.tensor([data.digit_of_prompt(p) if data.digit_of_prompt(p) is not None else -1
+                                for p in prompts])
+        features = metrics.extract_features(self.classifier, images_uint8)
+        predicted = self.classifier.head(features.float()).argmax(1)
+        known = targets >= 0
+        agreement = (predicted[known] == targets[known]).float().mean().item() if known.any() else float("nan")
+        fid = metrics.frechet_distance(*metrics.stats_from_features(features), self.reference.mu,
+                                       self.reference.sigma)
+        return {"digits_fid": fid, "prompt_agreement": agreement, "num_images": len(prompts)}
+
+
+def quality_table(world_dir: str | Path, num_images: int = 1000, steps: Sequence[int] = (25, 8, 4, 2),
+                  guidance_scale: float = 3.0, batch_size: int = 500, seed: int = 0, grid_path: str | None = None,
+                  progress: bool = True) -> dict:
+    """The teacher's quality bar: DDIM at several step counts on the held-out evaluation prompts."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..sampling import cycle_prompts, generate, save_grid
+
+    pipe = StableDiffusionPipeline.from_pretrained(world_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    judge = DigitsJudge.from_world(world_dir)
+    prompts = cycle_prompts(data.eval_prompts(), num_images)
+    rows = []
+    grids = []
+    for n in steps:
+        images = generate(pipe, prompts, num_inference_steps=n, guidance_scale=guidance_scale,
+                          batch_size=batch_size, seed=seed, progress=progress, desc=f"ddim {n} steps")
+        row = {"sampler": "DDIM", "steps": n, "guidance_scale": guidance_scale,
+               "nfe": n * (2 if guidance_scale > 1 else 1), **judge.score(images, prompts)}
+        rows.append(row)
+        grids.append(_one_per_digit(images, prompts))
+    result = {"rows": rows, "real_vs_real_fid": judge.real_vs_real_fid(seed), "num_images": num_images,
+              "prompts": "assets/prompts/tiny-digits-eval.txt"}
+    if grid_path:
+        save_grid(torch.cat(grids), grid_path, nrow=10)
+    return result
+
+
+def _one_per_digit(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """The first image generated for each digit 0..9, in order (a grid row)."""
+    picks = []
+    for d in range(10):
+        i = next(i for i, p in enumerate(prompts) if data.digit_of_prompt(p) == d)
+        picks.append(images[i])
+    return torch.stack(picks)
+
+
+def format_table(result: dict) -> str:
+    lines = ["| sampler | steps | guidance | NFE | digits-FID | prompt agreement |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']} | {r['nfe']} | "
+                     f"{r['digits_fid']:.3f} | {100 * r['prompt_agreement']:.1f} % |")
+    lines.append(f"| real vs real (two halves) | | | | {result['real_vs_real_fid']:.3f} | |")
+    return "\n".join(lines)

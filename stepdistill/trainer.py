@@ -1,0 +1,299 @@
+"""The one training loop every method runs in: Accelerate underneath (DDP, mixed precision; FSDP/DeepSpeed
+through the user's accelerate config), gradient accumulation, atomic resumable checkpoints, a progress bar with
+the losses, JSONL and tracker logging, validation grids, and the final Diffusers-loadable output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import parse_config
+from .data import BatchServer, build_dataset
+from .errors import StepdistillError
+from .lora import trainable_state_dict
+from .randomness import StepRandom
+from .teacher import Teacher, _check_pipeline_folder, check_supported
+
+logger = logging.getLogger("stepdistill")
+
+
+def _check_output_dir(path: str) -> None:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise StepdistillError(f"--output_dir {path} is not writable ({e.strerror}); pass a directory you can "
+                               "write to") from e
+
+
+def preflight(config, method_cls) -> None:
+    """Every check that needs no model weights, before anything expensive is loaded."""
+    model = str(config.pretrained_model_name_or_path)
+    class_name = _check_pipeline_folder(model)
+    if class_name is not None:
+        check_supported(class_name, model)
+    if config.max_train_steps < 1:
+        raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
+    if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise StepdistillError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    _check_output_dir(config.output_dir)
+    resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
+
+
+def check_resolution(config, teacher: Teacher) -> int:
+    resolution = config.resolution or teacher.default_resolution
+    # the VAE downsamples by its factor and the UNet halves the latent once per down block after the first
+    factor = teacher.vae_scale_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise StepdistillError(f"--resolution {resolution} is not divisible by {factor} (VAE factor "
+                               f"{teacher.vae_scale_factor} x UNet downsampling); use a multiple of {factor}, e.g. "
+                               f"{max(factor, resolution // factor * factor)}")
+    config.resolution = resolution
+    return resolution
+
+
+def _lr_scheduler(name: str, optimizer, warmup: int, total: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+class Trainer:
+    def __init__(self, config, method_cls):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        preflight(config, method_cls)
+        self.config = config
+        self.method_cls = method_cls
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, log_with=config.report_to,
+            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        )
+        acc = self.accelerator
+        self.output_dir = Path(config.output_dir)
+        if acc.is_main_process:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+        dtype = torch.float32  # the frozen base in float32 on CPU; autocast handles mixed precision on GPUs
+        self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
+                                               device=acc.device, revision=config.revision)
+        self.resolution = check_resolution(config, self.teacher)
+        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.needs_images)
+        torch.manual_seed(config.seed)
+        self.method = method_cls(config, self.teacher)
+        if config.gradient_checkpointing:
+            for net in self.method.networks.values():
+                if hasattr(net, "enable_gradient_checkpointing"):
+                    net.enable_gradient_checkpointing()
+        self._cache_prompts()
+        latents = self._cache_latents() if config.cache_latents and self.dataset.has_images else None
+        self.data = BatchServer(self.dataset, config.train_batch_size, acc.process_index, acc.num_processes,
+                                config.seed, latents)
+
+        self.optimizers, self.schedulers, self.params = {}, {}, {}
+        for name, net in self.method.networks.items():
+            params = self.method.trainable_parameters(name)
+            opt = torch.optim.AdamW(params, lr=self.method.learning_rate(name), **self.method.optimizer_kwargs(name))
+            updates = self._updates_of(name)
+            self.schedulers[name] = _lr_scheduler(config.lr_scheduler, opt, config.lr_warmup_steps, updates)
+            wrapped, self.optimizers[name] = acc.prepare(net, opt)
+            self.method.wrapped[name] = wrapped
+            self.params[name] = params
+        self.step = 0
+        self.log_file = self.output_dir / "logs.jsonl"
+        resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
+        if resume is not None:
+            self._restore(resume)
+        if config.report_to and acc.is_main_process:
+            acc.init_trackers(f"stepdistill-{method_cls.name}", config={k: v for k, v in vars(config).items()
+                                                                          if isinstance(v, (int, float, str, bool))})
+
+    def _updates_of(self, name: str) -> int:
+        return sum(name in self.method.phases(s) for s in range(self.config.max_train_steps)) or 1
+
+    # ------------------------------------------------------------------ caching
+    def _cache_prompts(self) -> None:
+        """Encode every distinct caption once, up front (bounded, so huge caption sets stay lazy)."""
+        captions = list(dict.fromkeys(s.caption for s in self.dataset.samples))
+        extra = list(self.config.validation_prompts or [])
+        if len(captions) <= 20_000:
+            for i in range(0, len(captions), 256):
+                self.teacher.encode_prompt(captions[i:i + 256], self.resolution)
+        self.teacher.encode_prompt([""] + extra, self.resolution)
+
+    def _cache_latents(self):
+        from tqdm.auto import tqdm
+
+        means, stds = [], []
+        n = len(self.dataset)
+        for start in tqdm(range(0, n, 64), desc="caching latents", disable=not self.accelerator.is_main_process):
+            images = torch.stack([self.dataset.get(i)[0] for i in range(start, min(n, start + 64))])
+            mean, std = self.teacher.latent_dist(images.to(self.accelerator.device))
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            modules = {name: trainable_state_dict(acc.unwrap_model(w)) for name, w in self.method.wrapped.items()}
+            modules.update(self.method.extra_state())
+            path = save_checkpoint(self.output_dir, self.step, method=self.method_cls.name, modules=modules,
+                                   optimizers=self.optimizers, schedulers=self.schedulers,
+                                   total_limit=self.config.checkpoints_total_limit)
+            logger.info("saved %s", path)
+        acc.wait_for_everyone()
+
+    def _restore(self, path: Path) -> None:
+        step, modules, _ = load_checkpoint(path, optimizers=self.optimizers, schedulers=self.schedulers)
+        for name, net in self.method.networks.items():
+            missing = set(trainable_state_dict(net)) - set(modules[name])
+            if missing:
+                raise StepdistillError(f"{path}: checkpoint lacks {len(missing)} trainable tensors of {name} "
+                                       "(a different LoRA rank or model?)")
+            net.load_state_dict(modules[name], strict=False)
+        self.method.load_extra_state({k: v for k, v in modules.items() if k not in self.method.networks})
+        self.step = step
+        logger.info("resumed from %s at step %d", path, step)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        from tqdm.auto import tqdm
+
+        acc, config, method = self.accelerator, self.config, self.method
+        accum = config.gradient_accumulation_steps
+        bar = tqdm(total=config.max_train_steps, initial=self.step, desc=method.name,
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        last = time.time()
+        while self.step < config.max_train_steps:
+            logs: dict[str, float] = {}
+            for phase in method.phases(self.step):
+                for micro in range(accum):
+                    iteration = self.step * accum + micro
+                    batch = self.data.batch(iteration)
+                    rng = StepRandom(config.seed, iteration, acc.process_index, acc.num_processes, acc.device)
+                    sync = micro == accum - 1
+                    ctx = acc.no_sync(method.wrapped[phase]) if not sync else _nullcontext()
+                    with ctx, acc.autocast():
+                        loss, phase_logs = method.loss(phase, batch, rng, self.step)
+                        # inputs=: gradients reach only this phase's network (a generator loss that flows through
+                        # the fake score must not leave gradients on the fake score)
+                        acc.backward(loss / accum, inputs=self.params[phase])
+                    for k, v in phase_logs.items():
+                        logs[k] = logs.get(k, 0.0) + float(v) / accum
+                if config.max_grad_norm:
+                    acc.clip_grad_norm_(self.params[phase], config.max_grad_norm)
+                self.optimizers[phase].step()
+                self.schedulers[phase].step()
+                self.optimizers[phase].zero_grad(set_to_none=True)
+                method.after_update(phase, self.step)
+                logs[f"lr_{phase}"] = self.schedulers[phase].get_last_lr()[0]
+            self.step += 1
+            logs = self._reduce(logs)
+            now = time.time()
+            logs["sec_per_step"] = now - last
+            last = now
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not k.startswith("lr_") and k != "sec_per_step"})
+            self._log(logs)
+            if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 \
+                    and self.step < config.max_train_steps:
+                self._save_checkpoint()
+            if config.validation_steps and self.step % config.validation_steps == 0:
+                self.validate()
+        bar.close()
+        self._save_checkpoint()
+        return self.finish()
+
+    def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
+        """Mean of each logged value over processes (so logs describe the global batch)."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        t = torch.tensor([logs[k] for k in keys], device=self.accelerator.device, dtype=torch.float64)
+        t = self.accelerator.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist()))
+
+    def _log(self, logs: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps({"step": self.step, **logs}) + "\n")
+        if self.config.report_to:
+            self.accelerator.log(logs, step=self.step)
+
+    def validation_prompts(self) -> list[str]:
+        prompts = list(self.config.validation_prompts or [])
+        if not prompts:
+            prompts = list(dict.fromkeys(s.caption for s in self.dataset.samples))[:8]
+        return prompts
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        from .sampling import generate, save_grid
+
+        if not self.accelerator.is_main_process:
+            return None
+        recipe = self.method.recipe()
+        pipe = self.method.sampling_pipeline()
+        prompts = self.validation_prompts()
+        images = generate(pipe, prompts, batch_size=len(prompts), seed=self.config.seed, progress=False,
+                          height=self.resolution, width=self.resolution, **recipe.call_kwargs())
+        path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, path, nrow=min(8, len(prompts)), upscale=max(1, 128 // self.resolution))
+        logger.info("validation grid: %s", path)
+        return path
+
+    def finish(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.method.save_output(self.output_dir)
+            if not (self.config.validation_steps and self.step % self.config.validation_steps == 0):
+                self.validate()
+            from .plots import plot_losses
+
+            plot_losses(self.log_file, self.output_dir / "loss_curve.png")
+            logger.info("wrote %s", self.output_dir)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return self.output_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(method_cls, argv: list[str] | None = None) -> int:
+    """Entry point of ``train_scripts/train_<method>.py``: parse, train, write. Bad input exits 2 with one line."""
+    try:
+        config = parse_config(method_cls.config_class, argv, prog=f"train_{method_cls.name}.py")
+        trainer = Trainer(config, method_cls)
+        trainer.train()
+    except StepdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

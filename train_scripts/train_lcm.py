@@ -1,0 +1,14 @@
+"""Latent consistency distillation (LCM, LCM-LoRA).
+
+    accelerate launch train_scripts/train_lcm.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --train_data_dir DATA --output_dir out/lcm-lora
+    python train_scripts/train_lcm.py --config train_scripts/configs/tiny_digits/lcm_lora.yaml --output_dir runs/lcm
+"""
+
+import sys
+
+from stepdistill.methods.lcm import LCM
+from stepdistill.trainer import run
+
+if __name__ == "__main__":
+    sys.exit(run(LCM))
