@@ -1,7 +1,8 @@
 """stepdistill: distil Diffusers text-to-image models into few-step or guidance-free students."""
 
 from .errors import StepdistillError
+from .recipe import Recipe, load
 from .teacher import Conditioning, Teacher
 
 __version__ = "0.1.0"
-__all__ = ["Conditioning", "StepdistillError", "Teacher", "__version__"]
+__all__ = ["Conditioning", "Recipe", "StepdistillError", "Teacher", "load", "__version__"]

@@ -67,7 +67,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, method: str, modules: 
         save_file(tensors, tmp / f"optimizer-{name}.safetensors")
         meta["optimizers"][name] = opt_meta
     for name, sched in schedulers.items():
-        meta["schedulers"][name] = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+        meta["schedulers"][name] = sched.state_dict()  # LambdaLR keeps None for plain functions: JSON-safe
     meta["modules"] = sorted(modules)
     (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():  # data on disk before the rename makes it visible

@@ -33,11 +33,15 @@ def add_lora(unet, rank: int, alpha: float | None = None, targets=DEFAULT_TARGET
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter's weights in Diffusers' key format (``...lora.down.weight`` / ``...lora.up.weight``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights with PEFT keys (``...lora_A.weight`` / ``...lora_B.weight``).
+
+    Not converted to the legacy ``lora.down``/``lora.up`` names: that conversion renames only attention
+    projections, and Diffusers 0.42 then drops those on load (a silent loss of every attention LoRA). The PEFT
+    names load completely with ``load_lora_weights``.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    return get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
 
 
 def save_lora(unet, output_dir: str | Path, pipeline_class) -> Path:

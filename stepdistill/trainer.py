@@ -49,15 +49,32 @@ def preflight(config, method_cls) -> None:
         raise StepdistillError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
     _check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
+    check_resolution(config)
 
 
-def check_resolution(config, teacher: Teacher) -> int:
-    resolution = config.resolution or teacher.default_resolution
-    # the VAE downsamples by its factor and the UNet halves the latent once per down block after the first
-    factor = teacher.vae_scale_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1)
+def _component_config(model: str, subfolder: str, revision=None) -> dict:
+    """A component's config.json alone (no weights): from the folder, or the hub's small config file."""
+    local = Path(model) / subfolder / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from diffusers import ConfigMixin
+
+    return ConfigMixin.load_config(model, subfolder=subfolder, revision=revision)
+
+
+def check_resolution(config) -> int:
+    """The training resolution, checked against the VAE and UNet configs before any weights load."""
+    model = str(config.pretrained_model_name_or_path)
+    vae = _component_config(model, "vae", config.revision)
+    unet = _component_config(model, "unet", config.revision)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    resolution = config.resolution or int(unet["sample_size"]) * vae_factor
+    # the VAE downsamples by its factor, the UNet halves the latent once per down block after the first, and the
+    # stock SD/SDXL pipelines insist on multiples of 8
+    factor = math.lcm(8, vae_factor * 2 ** (len(unet["block_out_channels"]) - 1))
     if resolution % factor:
-        raise StepdistillError(f"--resolution {resolution} is not divisible by {factor} (VAE factor "
-                               f"{teacher.vae_scale_factor} x UNet downsampling); use a multiple of {factor}, e.g. "
+        raise StepdistillError(f"--resolution {resolution} is not divisible by {factor} (VAE factor {vae_factor} "
+                               f"x UNet downsampling, and the pipelines' 8); use a multiple of {factor}, e.g. "
                                f"{max(factor, resolution // factor * factor)}")
     config.resolution = resolution
     return resolution
@@ -77,8 +94,10 @@ class Trainer:
         preflight(config, method_cls)
         self.config = config
         self.method_cls = method_cls
+        # Accelerate picks MULTI_CPU (gloo) for a torchrun/mpirun launch only when told to use the CPU
+        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, log_with=config.report_to,
+            cpu=multi_process_cpu, mixed_precision=config.mixed_precision, log_with=config.report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
         )
         acc = self.accelerator
@@ -89,7 +108,7 @@ class Trainer:
         dtype = torch.float32  # the frozen base in float32 on CPU; autocast handles mixed precision on GPUs
         self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
                                                device=acc.device, revision=config.revision)
-        self.resolution = check_resolution(config, self.teacher)
+        self.resolution = config.resolution  # set and checked by preflight
         self.dataset = build_dataset(config, self.resolution, need_images=method_cls.needs_images)
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher)

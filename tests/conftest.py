@@ -45,3 +45,24 @@ def toy_path():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The digits as an image folder with metadata.jsonl (what `stepdistill toy export-data` writes)."""
+    from stepdistill.toy.export import export_data
+
+    return export_data(tmp_path_factory.mktemp("digits") / "data")
+
+
+def train_args(model, data_dir, output_dir, **overrides) -> list[str]:
+    """Command-line arguments of a short CPU training run."""
+    args = {"pretrained_model_name_or_path": model, "train_data_dir": data_dir, "output_dir": output_dir,
+            "max_train_steps": 4, "train_batch_size": 4, "lora_rank": 4, "checkpointing_steps": 0,
+            "max_train_samples": 64, **overrides}
+    out = []
+    for k, v in args.items():
+        if v is None:
+            continue
+        out += [f"--{k}", ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return out

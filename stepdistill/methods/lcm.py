@@ -42,6 +42,7 @@ class LCMConfig(TrainConfig):
 class LCM(DistillationMethod):
     name = "lcm"
     config_class = LCMConfig
+    guidance_embedded = True  # a full LCM student takes w through time_cond_proj_dim; LoRAs bake guidance in
 
     def build(self) -> None:
         c, teacher = self.config, self.teacher
@@ -51,7 +52,8 @@ class LCM(DistillationMethod):
             self.networks["student"] = self.make_student()
             self.target = None  # the student itself under no_grad
         else:
-            self.networks["student"] = self._guidance_conditioned_copy()
+            self.networks["student"] = (self._guidance_conditioned_copy() if self.guidance_embedded
+                                        else self.make_student())
             self.target = copy.deepcopy(self.networks["student"]).requires_grad_(False)
 
     def _guidance_conditioned_copy(self):
@@ -69,7 +71,7 @@ class LCM(DistillationMethod):
         return student.to(base.device).requires_grad_(True).train()
 
     def guidance_embedding(self, w: torch.Tensor) -> torch.Tensor | None:
-        if self.config.use_lora:
+        if self.config.use_lora or not self.guidance_embedded:
             return None
         # Diffusers pipelines embed (guidance_scale - 1): Imagen w → LCM's w.
         return self.teacher.pipe.get_guidance_scale_embedding(w - 1, embedding_dim=self.config.time_cond_proj_dim)

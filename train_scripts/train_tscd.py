@@ -1,0 +1,14 @@
+"""Trajectory segmented consistency distillation (Hyper-SD TSCD), progressive 8 → 4 → 2 → 1 segments.
+
+    accelerate launch train_scripts/train_tscd.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --train_data_dir DATA --segments 8,4,2,1 --output_dir out/tscd
+    python train_scripts/train_tscd.py --config train_scripts/configs/tiny_digits/tscd.yaml --output_dir runs/tscd
+"""
+
+import sys
+
+from stepdistill.methods.tscd import TSCD
+from stepdistill.trainer import run
+
+if __name__ == "__main__":
+    sys.exit(run(TSCD))
