@@ -30,7 +30,8 @@ class TrainConfig:
     output_dir: str = option("runs/train", "where the LoRA/adapters, recipe, checkpoints and samples go")
     revision: str | None = option(None, "hub revision of the base pipeline")
     # data
-    train_data_dir: str | None = option(None, "image folder with metadata.jsonl (file_name, text)")
+    train_data_dir: str | None = option(None, "image folder with metadata.jsonl (file_name, text), or "
+                                              "builtin:tiny-digits for the embedded world's data")
     dataset_name: str | None = option(None, "a Hugging Face dataset name or path (needs `datasets`)")
     image_column: str = option("image", "image column of --dataset_name")
     caption_column: str = option("text", "caption column of --dataset_name / metadata.jsonl")

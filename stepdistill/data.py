@@ -97,7 +97,14 @@ class ImageCaptionDataset:
         raise StepdistillError("no readable image in the dataset")
 
 
+BUILTIN_TINY_DIGITS = "builtin:tiny-digits"
+
+
 def _image_folder(directory: str, caption_column: str) -> list[Sample]:
+    if directory == BUILTIN_TINY_DIGITS:  # the embedded world's data, read directly (same as export-data writes)
+        from .toy.export import digit_samples
+
+        return [Sample(text, image) for image, text, _ in digit_samples()]
     root = Path(directory)
     meta = root / "metadata.jsonl"
     if not root.is_dir():

@@ -503,6 +503,7 @@ class Sampler:
         """uint8 images ``(N, 3, H, W)`` for ``prompts``, image k drawn with the generator seeded ``seeds[k]``."""
         kwargs = {**self.call_kwargs, **overrides}
         cfg = float(kwargs.get("guidance_scale", 1.0)) > 1.0
+        # CPU generators: diffusers draws the noise on the CPU and moves it, so image i is the same on any device
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         with self.counter.counting():
             images = self.pipe(**self.embed_kwargs(prompts, cfg), generator=generators, output_type="pt",

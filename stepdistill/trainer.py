@@ -109,7 +109,7 @@ class Trainer:
         self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
                                                device=acc.device, revision=config.revision)
         self.resolution = config.resolution  # set and checked by preflight
-        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.needs_images)
+        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config))
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher)
         if config.gradient_checkpointing:

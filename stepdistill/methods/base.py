@@ -21,6 +21,12 @@ class DistillationMethod:
     name: ClassVar[str]
     config_class: ClassVar[type]
     needs_images: ClassVar[bool] = True
+    student_name: ClassVar[str] = "student"  # the network that samples (DMD2/SiD call it "generator")
+
+    @classmethod
+    def requires_images(cls, config) -> bool:
+        """Whether this run needs an image dataset (a method may need images only for an optional loss)."""
+        return cls.needs_images
 
     def __init__(self, config, teacher: Teacher):
         self.config = config
@@ -70,7 +76,7 @@ class DistillationMethod:
 
     def student_unet(self):
         """The UNet that samples: the teacher's own UNet carrying a LoRA, or a separate full student."""
-        return self.networks["student"]
+        return self.networks[self.student_name]
 
     def make_student(self) -> nn.Module:
         """A LoRA on the teacher's UNet (teacher = adapters off) or a full trainable copy."""
