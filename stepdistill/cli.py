@@ -29,15 +29,39 @@ def _toy_export(args) -> None:
 
 
 def _toy_quality(args) -> None:
-    from .toy.evaluate import format_table, quality_table
+    from .toy.evaluate import format_table, quality_table, student_table
 
     _require_world(args.model)
-    steps = [int(s) for s in args.steps.split(",")]
+    if args.student:
+        from .recipe import Recipe
+
+        Recipe.load(args.student)  # a clear error before any sampling
+    steps = [int(s) for s in (args.steps or ("25" if args.student else "25,8,4,2")).split(",")]
     result = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=args.guidance_scale,
-                           batch_size=args.batch_size, seed=args.seed, grid_path=args.grid)
+                           batch_size=args.batch_size, seed=args.seed, grid_path=None if args.student else args.grid)
+    if args.student:
+        from .sampling import save_grid
+
+        student_steps = [int(s) for s in args.student_steps.split(",")]
+        rows, grid = student_table(args.model, args.student, student_steps, args.num_images, args.batch_size,
+                                   args.seed)
+        result["rows"] += rows
+        teacher_row = result["rows"][0]["digits_fid"]
+        for r in result["rows"]:
+            r["fid_vs_teacher"] = r["digits_fid"] / teacher_row
+        if args.grid:
+            from .toy.evaluate import teacher_grid_row
+
+            save_grid(torch_cat([teacher_grid_row(args.model, args.seed), grid]), args.grid, nrow=10)
     print(format_table(result))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))
+
+
+def torch_cat(items):
+    import torch
+
+    return torch.cat(items)
 
 
 def _demo(args) -> None:
@@ -77,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = toy.add_parser("quality", help="the teacher's quality bar: DDIM at several step counts")
     p.add_argument("--model", default=str(WORLD_DIR))
     p.add_argument("--num_images", type=int, default=1000)
-    p.add_argument("--steps", default="25,8,4,2")
+    p.add_argument("--steps", default=None, help="teacher DDIM step counts (default 25,8,4,2; 25 with --student)")
+    p.add_argument("--student", default=None, help="also evaluate this stepdistill output, loaded the stock way")
+    p.add_argument("--student_steps", default="1,2,4", help="student step counts")
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

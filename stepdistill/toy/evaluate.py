@@ -103,10 +103,57 @@ def _one_per_digit(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor
 
 
 def format_table(result: dict) -> str:
-    lines = ["| sampler | steps | guidance | NFE | digits-FID | prompt agreement |",
-             "|---|---|---|---|---|---|"]
+    ratio = any("fid_vs_teacher" in r for r in result["rows"])
+    lines = ["| sampler | steps | guidance | NFE | digits-FID | prompt agreement |" + (" FID / teacher |" if ratio else ""),
+             "|---|---|---|---|---|---|" + ("---|" if ratio else "")]
     for r in result["rows"]:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance_scale']} | {r['nfe']} | "
-                     f"{r['digits_fid']:.3f} | {100 * r['prompt_agreement']:.1f} % |")
-    lines.append(f"| real vs real (two halves) | | | | {result['real_vs_real_fid']:.3f} | |")
+                     f"{r['digits_fid']:.3f} | {100 * r['prompt_agreement']:.1f} % |"
+                     + (f" {r['fid_vs_teacher']:.2f}x |" if ratio else ""))
+    lines.append(f"| real vs real (two halves) | | | | {result['real_vs_real_fid']:.3f} | |" + (" |" if ratio else ""))
     return "\n".join(lines)
+
+
+def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequence[int] = (1, 2, 4),
+                  num_images: int = 1000, batch_size: int = 500, seed: int = 0, judge: DigitsJudge | None = None,
+                  progress: bool = True) -> tuple[list[dict], torch.Tensor]:
+    """A stepdistill output, loaded the stock way (weights + the recipe's scheduler), at several step counts on
+    the held-out prompts. Returns the rows and one grid row (digits 0-9) per step count."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..recipe import Recipe, load
+    from ..sampling import cycle_prompts, generate
+
+    recipe = Recipe.load(student_dir)
+    pipe = load(StableDiffusionPipeline.from_pretrained(world_dir), student_dir)
+    judge = judge or DigitsJudge.from_world(world_dir)
+    prompts = cycle_prompts(data.eval_prompts(), num_images)
+    rows, grids = [], []
+    for n in steps:
+        kwargs = recipe.call_kwargs()
+        kwargs.pop("timesteps", None)
+        kwargs["num_inference_steps"] = n
+        if recipe.timesteps and len(recipe.timesteps) == n:
+            kwargs.pop("num_inference_steps")
+            kwargs["timesteps"] = list(recipe.timesteps)
+        images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress,
+                          desc=f"{recipe.method} {n} steps", **kwargs)
+        cfg = recipe.guidance_scale > 1 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
+        rows.append({"sampler": f"{recipe.method} ({recipe.scheduler})", "steps": n,
+                     "guidance_scale": recipe.guidance_scale, "nfe": n * (2 if cfg else 1),
+                     **judge.score(images, prompts)})
+        grids.append(_one_per_digit(images, prompts))
+    return rows, torch.cat(grids)
+
+
+def teacher_grid_row(world_dir: str | Path, seed: int = 0, steps: int = 25, guidance_scale: float = 3.0):
+    """One image per digit from the teacher (DDIM, the evaluation prompts), as a grid row."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..sampling import generate
+
+    pipe = StableDiffusionPipeline.from_pretrained(world_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = [next(p for p in data.eval_prompts() if data.digit_of_prompt(p) == d) for d in range(10)]
+    return generate(pipe, prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                    progress=False)
