@@ -242,3 +242,58 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tiny_sd_path, di
     a, b = _lora(single), _lora(multi)
     close = torch.cat([(a[k] - b[k]).abs().flatten() < 1e-5 for k in a]).float().mean()
     assert close > 0.99, close
+
+
+def _digits_subset(n=24):
+    from stepdistill.toy.export import digit_samples
+
+    return digit_samples()[:n]
+
+
+def test_hugging_face_dataset_source(tiny_sd_path, tmp_path, capsys):
+    import datasets
+
+    samples = _digits_subset()
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"img": [s[0] for s in samples], "caption": [s[1] for s in samples]},
+                               features=features).save_to_disk(tmp_path / "hf")
+    args = train_args(tiny_sd_path, None, tmp_path / "out", dataset_name=tmp_path / "hf", max_train_steps=2)
+    assert run(LCM, args + ["--image_column", "img", "--caption_column", "caption"]) == 0
+    assert Recipe.load(tmp_path / "out").method == "lcm_lora"
+    assert run(LCM, args + ["--image_column", "img"]) == 2  # the default caption column "text" is absent
+    assert "no column 'text'" in capsys.readouterr().err
+
+
+def test_webdataset_shards_source(tiny_sd_path, tmp_path):
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
+        for i, (image, text, _) in enumerate(_digits_subset()):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            for ext, payload in (("png", buf.getvalue()), ("txt", text.encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    args = train_args(tiny_sd_path, None, tmp_path / "out", train_shards=tmp_path / "shard-00000.tar",
+                      max_train_steps=2)
+    assert run(TSCD, args + ["--segments", "1"]) == 0
+    assert (tmp_path / "out" / LORA_WEIGHTS_NAME).is_file()
+
+
+def test_builtin_tiny_digits_source_and_cached_latents(tiny_sd_path, tmp_path):
+    out = tmp_path / "out"
+    assert run(LCM, train_args(tiny_sd_path, "builtin:tiny-digits", out, cache_latents="true",
+                               max_train_steps=2)) == 0
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(r["loss"] > 0 for r in logs)
+
+
+def test_bf16_gradient_checkpointing_and_accumulation(tiny_sd_path, digits_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, mixed_precision="bf16", gradient_checkpointing="true",
+                               gradient_accumulation_steps=2, max_train_steps=2, learning_rate=1e-2)) == 0
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    assert any(v.abs().max() > 0 for k, v in _lora(out).items() if "lora_B" in k)  # it trained
