@@ -67,6 +67,7 @@ def torch_cat(items):
 def _demo(args) -> None:
     from .demo import run_demo
 
+    _require_world(args.model)
     run_demo(args.output_dir, model=args.model, num_images=args.num_images)
 
 

@@ -135,9 +135,19 @@ class Trainer:
         resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
         if resume is not None:
             self._restore(resume)
+        self._trim_log()
         if config.report_to and acc.is_main_process:
             acc.init_trackers(f"stepdistill-{method_cls.name}", config={k: v for k, v in vars(config).items()
                                                                           if isinstance(v, (int, float, str, bool))})
+
+    def _trim_log(self) -> None:
+        """Keep only the log lines of steps this run has (a resumed run re-logs what came after its checkpoint;
+        a fresh run starts an empty log)."""
+        if not self.accelerator.is_main_process or not self.log_file.is_file():
+            return
+        lines = [line for line in self.log_file.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= self.step]
+        self.log_file.write_text("".join(line + "\n" for line in lines))
 
     def _updates_of(self, name: str) -> int:
         return sum(name in self.method.phases(s) for s in range(self.config.max_train_steps)) or 1
