@@ -48,6 +48,11 @@ class StepRandom:
         g = self._generator()
         return int(torch.randint(low, high, (1,), generator=g))
 
+    def stream(self, name: str) -> "StepRandom":
+        """An independent stream of the same iteration (e.g. one per phase of a two time-scale method, so phases
+        that share an iteration do not draw the same noise)."""
+        return StepRandom(f"{self.seed}/{name}", self.iteration, self.rank, self.world_size, self.device)
+
     def shared_rand(self) -> float:
         g = self._generator()
         return float(torch.rand(1, generator=g))

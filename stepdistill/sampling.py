@@ -9,18 +9,21 @@ import torch
 from tqdm.auto import tqdm
 
 
-def generate(pipe, prompts: Sequence[str], *, num_inference_steps: int, guidance_scale: float,
+def generate(pipe, prompts: Sequence[str], *, guidance_scale: float, num_inference_steps: int | None = None,
              batch_size: int = 250, seed: int = 0, progress: bool = True, desc: str = "sampling",
              **call_kwargs) -> torch.Tensor:
-    """Images for ``prompts`` as uint8 (N, 3, H, W). Image i always uses the generator seeded ``seed + i``."""
+    """Images for ``prompts`` as uint8 (N, 3, H, W). Image i always uses the generator seeded ``seed + i``.
+    Pass ``num_inference_steps`` or ``timesteps`` (a recipe with explicit timesteps gives only the latter)."""
+    if num_inference_steps is not None:
+        call_kwargs["num_inference_steps"] = num_inference_steps
     out = []
     pipe.set_progress_bar_config(disable=True)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = list(prompts[start:start + batch_size])
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.no_grad():
-            images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          generator=generators, output_type="pt", **call_kwargs).images
+            images = pipe(chunk, guidance_scale=guidance_scale, generator=generators, output_type="pt",
+                          **call_kwargs).images
         out.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
 

@@ -94,6 +94,10 @@ class Trainer:
         preflight(config, method_cls)
         self.config = config
         self.method_cls = method_cls
+        from accelerate.state import AcceleratorState
+
+        # one process may run several trainings (tests, the demo): each picks its own precision
+        AcceleratorState._reset_state(reset_partial_state=False)
         # Accelerate picks MULTI_CPU (gloo) for a torchrun/mpirun launch only when told to use the CPU
         multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(

@@ -1,0 +1,14 @@
+"""DMD2: distribution matching distillation (one step, or multi-step with backward simulation; optional GAN).
+
+    accelerate launch train_scripts/train_dmd2.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --prompts_file PROMPTS --output_dir out/dmd2
+    python train_scripts/train_dmd2.py --config train_scripts/configs/tiny_digits/dmd2.yaml --output_dir runs/dmd2
+"""
+
+import sys
+
+from stepdistill.methods.dmd2 import DMD2
+from stepdistill.trainer import run
+
+if __name__ == "__main__":
+    sys.exit(run(DMD2))

@@ -1,0 +1,14 @@
+"""Score identity Distillation (one- or few-step SiD; long-and-short guidance, Zero-CFG, Anti-CFG). Data-free.
+
+    accelerate launch train_scripts/train_sid.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --prompts_file PROMPTS --output_dir out/sid
+    python train_scripts/train_sid.py --config train_scripts/configs/tiny_digits/sid.yaml --output_dir runs/sid
+"""
+
+import sys
+
+from stepdistill.methods.sid import SiD
+from stepdistill.trainer import run
+
+if __name__ == "__main__":
+    sys.exit(run(SiD))
