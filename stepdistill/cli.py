@@ -1,4 +1,4 @@
-"""The ``stepdistill`` command. Subcommands: ``toy build|export-data|quality``, ``demo``."""
+"""The ``stepdistill`` command. Subcommands: ``toy build|export-data|quality``, ``eval``, ``ref-stats``, ``demo``."""
 
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(WORLD_DIR))
     p.add_argument("--num_images", type=int, default=1000)
     p.set_defaults(func=_demo)
-    from .evaluation import register as register_evaluation; register_evaluation(sub)  # noqa: E702
+    from .evaluation import register as register_evaluation
+
+    register_evaluation(sub)
     return parser
 
 

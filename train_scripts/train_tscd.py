@@ -6,9 +6,13 @@
 """
 
 import sys
+from pathlib import Path
 
-from stepdistill.methods.tscd import TSCD
-from stepdistill.trainer import run
+# running the file directly puts train_scripts/ on sys.path, not the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepdistill.methods.tscd import TSCD  # noqa: E402
+from stepdistill.trainer import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run(TSCD))
