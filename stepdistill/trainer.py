@@ -4,6 +4,7 @@ the losses, JSONL and tracker logging, validation grids, and the final Diffusers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -220,7 +221,7 @@ class Trainer:
                     batch = self.data.batch(iteration)
                     rng = StepRandom(config.seed, iteration, acc.process_index, acc.num_processes, acc.device)
                     sync = micro == accum - 1
-                    ctx = acc.no_sync(method.wrapped[phase]) if not sync else _nullcontext()
+                    ctx = acc.no_sync(method.wrapped[phase]) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():
                         loss, phase_logs = method.loss(phase, batch, rng, self.step)
                         # inputs=: gradients reach only this phase's network (a generator loss that flows through
@@ -308,14 +309,6 @@ class Trainer:
         return self.output_dir
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def run(method_cls, argv: list[str] | None = None) -> int:
     """Entry point of ``train_scripts/train_<method>.py``: parse, train, write. Bad input exits 2 with one line."""
     try:
@@ -326,7 +319,3 @@ def run(method_cls, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
