@@ -297,3 +297,26 @@ def test_bf16_gradient_checkpointing_and_accumulation(tiny_sd_path, digits_dir, 
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     assert any(v.abs().max() > 0 for k, v in _lora(out).items() if "lora_B" in k)  # it trained
+
+
+def test_tscd_adversarial_term_trains_a_head_on_the_frozen_teacher(tiny_sd_path, digits_dir, tmp_path):
+    """PCM/Hyper-SD's optional adversarial term: a discriminator head on the teacher's mid-block features, its own
+    phase every iteration once on, and a weight that grows as segments shrink."""
+    from stepdistill.config import parse_config
+    from stepdistill.trainer import Trainer
+
+    out = tmp_path / "adv"
+    argv = train_args(tiny_sd_path, digits_dir, out, max_train_steps=4, segments="2,1", adversarial_weight=0.1,
+                      adversarial_start_step=1, learning_rate=1e-3)
+    trainer = Trainer(parse_config(TSCD.config_class, argv), TSCD)
+    method = trainer.method
+    head_before = {k: v.clone() for k, v in method.networks["discriminator"].state_dict().items()}
+    assert method.phases(0) == ["student"] and method.phases(1) == ["student", "discriminator"]
+    trainer.train()
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert "loss_disc" not in logs[0] and all("loss_disc" in r and "loss_adv" in r for r in logs[1:])
+    head_after = method.networks["discriminator"].state_dict()
+    assert any(not torch.equal(head_before[k], head_after[k]) for k in head_before)
+    # the teacher backbone stayed frozen and only the LoRA is written out
+    assert all("lora" in k for k in _lora(out))
+    assert (out / "checkpoint-4" / "discriminator.safetensors").is_file()

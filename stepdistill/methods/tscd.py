@@ -31,6 +31,11 @@ class TSCDConfig(LCMConfig):
     guidance_scale_max: float = option(3.0, "highest teacher CFG scale drawn per sample")
     num_inference_steps: int = option(4, "steps written into the sampling recipe (any of the trained segment "
                                          "counts works)")
+    adversarial_weight: float = option(0.0, "weight of the adversarial term at the first stage (0: off); it grows "
+                                            "as segments shrink: weight x first_segments / segments")
+    adversarial_start_step: int = option(0, "iteration from which the adversarial term is on")
+    discriminator_learning_rate: float | None = option(None, "learning rate of the discriminator head "
+                                                             "(default: --learning_rate)")
 
     def validate(self) -> None:
         super().validate()
@@ -47,6 +52,11 @@ class TSCDConfig(LCMConfig):
                                    "stages")
         if self.stage_steps and sum(self.stage_steps) != self.max_train_steps:
             self.max_train_steps = sum(self.stage_steps)
+        if self.adversarial_weight < 0:
+            raise StepdistillError(f"--adversarial_weight {self.adversarial_weight}: must be >= 0 (0 turns it off)")
+        if self.adversarial_weight and not self.use_lora:
+            raise StepdistillError("--adversarial_weight needs --use_lora true: the discriminator's backbone is the "
+                                   "frozen teacher, i.e. the shared UNet with its adapters off")
 
 
 class TSCD(LCM):
@@ -65,6 +75,39 @@ class TSCD(LCM):
             base, rest = divmod(c.max_train_steps, len(c.segments))
             bounds = [base + (i < rest) for i in range(len(c.segments))]
         self.stage_ends = torch.tensor(bounds).cumsum(0).tolist()
+        if c.adversarial_weight:
+            self._build_discriminator()
+
+    def _build_discriminator(self) -> None:
+        """PCM's adversarial head: a small trainable head on the FROZEN teacher's mid-block features (the shared
+        UNet with adapters off, so no second UNet is held); only the head trains."""
+        from .distribution_matching import FakeScore, GANHead
+
+        unet = self.teacher.unet
+        channels = int(unet.config.block_out_channels[-1])
+        size = (self.config.resolution // self.teacher.vae_scale_factor) // 2 ** (len(unet.config.block_out_channels) - 1)
+        self.networks["discriminator"] = GANHead(channels, size).to(self.teacher.device)
+        self._trunk = FakeScore(unet, torch.nn.Identity())  # runs the UNet up to its mid block; not trained
+        self._adversarial_batch = None
+
+    def adversarial_on(self, step: int) -> bool:
+        return bool(self.config.adversarial_weight) and step >= self.config.adversarial_start_step
+
+    def phases(self, step: int) -> list[str]:
+        return ["student", "discriminator"] if self.adversarial_on(step) else ["student"]
+
+    def learning_rate(self, name: str) -> float:
+        if name == "discriminator" and self.config.discriminator_learning_rate is not None:
+            return self.config.discriminator_learning_rate
+        return self.config.learning_rate
+
+    def discriminate(self, x: torch.Tensor, t: torch.Tensor, cond, training_head: bool) -> torch.Tensor:
+        """Head logits on the frozen teacher's features. Training the head: features without a graph and the
+        (DDP-)wrapped head; training the student: gradients flow through the trunk into x, and the plain head."""
+        with self.teacher_mode(), torch.set_grad_enabled(not training_head and torch.is_grad_enabled()):
+            features = self._trunk(x, t, **cond.unet_kwargs(), classify=True)
+        head = self.net("discriminator") if training_head else self.networks["discriminator"]
+        return head(features)
 
     def segments_at(self, step: int) -> int:
         for k, end in zip(self.config.segments, self.stage_ends):
@@ -73,6 +116,12 @@ class TSCD(LCM):
         return self.config.segments[-1]
 
     def loss(self, phase, batch, rng, step):
+        if phase == "discriminator":
+            # hinge loss (PCM) on the student's jump vs the teacher trajectory's point at the same edge
+            prediction, target, edge, cond = self._adversarial_batch
+            loss = (torch.relu(1 - self.discriminate(target, edge, cond, training_head=True)).mean()
+                    + torch.relu(1 + self.discriminate(prediction, edge, cond, training_head=True)).mean())
+            return loss, {"loss_disc": loss.detach()}
         c, teacher = self.config, self.teacher
         segments = self.segments_at(step)
         z0 = self.clean_latents(batch, rng)
@@ -94,7 +143,15 @@ class TSCD(LCM):
             at_edge = (t_prev == edge).view(-1, *([1] * (x.ndim - 1)))
             target = torch.where(at_edge, x_prev, jumped)  # the teacher step already landed on the edge
         loss = consistency_loss(prediction, target, c.loss_type, c.huber_c)
-        return loss, {"loss": loss.detach(), "segments": float(segments)}
+        logs = {"loss": loss.detach(), "segments": float(segments)}
+        if self.adversarial_on(step):
+            # Hyper-SD: the adversarial weight grows as the segments shrink
+            weight = c.adversarial_weight * c.segments[0] / segments
+            adversarial = -self.discriminate(prediction, edge, cond, training_head=False).mean()
+            loss = loss + weight * adversarial
+            logs["loss_adv"] = adversarial.detach()
+            self._adversarial_batch = (prediction.detach(), target, edge, cond)
+        return loss, logs
 
     def recipe(self) -> Recipe:
         c = self.config
