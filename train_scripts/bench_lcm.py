@@ -1,9 +1,9 @@
 """Benchmark: LCM-LoRA training-step throughput and peak memory, stepdistill against a straightforward
 implementation built like the Diffusers example (a separate frozen teacher UNet, cond and uncond as two UNet calls,
-text encoded every step). Same model, batch and LoRA. Each (implementation, model) runs in its own process so peak
-RSS is its own.
+text and images encoded every step). Same model, data, batch and LoRA. Each (implementation, model) runs in its own
+process so peak RSS is its own.
 
-    python train_scripts/bench_lcm.py                 # tiny-digits UNet and a larger tiny UNet
+    python train_scripts/bench_lcm.py                 # the tiny-digits UNet and a wider 65M-parameter UNet
     python train_scripts/bench_lcm.py --steps 30 --batch_size 32
 """
 
@@ -27,13 +27,14 @@ WORLD = REPO / "assets" / "tiny-digits-sd"
 
 
 def larger_pipeline(directory: Path) -> Path:
-    """A 32x32-latent SD-like pipeline with a three-level UNet (about 10x the tiny-digits UNet's compute)."""
+    """The tiny-digits VAE and text encoder with a wider three-level UNet (16x16 latents, 32x32 images, ~65M
+    parameters: its weights, like a real UNet's, are a visible share of memory)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     pipe = StableDiffusionPipeline.from_pretrained(WORLD)
     torch.manual_seed(0)
     pipe.unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(128, 256, 512),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=pipe.text_encoder.config.hidden_size, attention_head_dim=16, norm_num_groups=32)
@@ -46,9 +47,16 @@ def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> di
     from stepdistill.methods.consistency import boundary_scalings, consistency_loss, skipping_grid
     from stepdistill.teacher import Teacher
 
+    import torch.nn.functional as F
+
+    from stepdistill.toy.data import load_digits_images
+
     torch.manual_seed(0)
     teacher = Teacher.from_pretrained(model)
-    res = teacher.default_resolution // teacher.vae_scale_factor
+    size = teacher.default_resolution
+    images = load_digits_images()[0][:batch_size] * 2 - 1
+    pixels = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    cached = teacher.latent_dist(pixels) if impl == "stepdistill" else None  # --cache_latents
     prompts = [f"a handwritten digit {w}" for w in ("one", "two", "three", "four")] * (batch_size // 4 + 1)
     prompts = prompts[:batch_size]
     grid = skipping_grid(1000, 50)
@@ -63,7 +71,11 @@ def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> di
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * teacher.to_x0(out, x, t)
 
     def step():
-        z0 = torch.randn(batch_size, 4, res, res)
+        if impl == "naive":  # the Diffusers example encodes every batch with the VAE
+            with torch.no_grad():
+                z0 = teacher.encode_images(pixels)
+        else:
+            z0 = cached[0] + cached[1] * torch.randn_like(cached[0])
         t = grid[torch.randint(0, 50, (batch_size,))]
         t_prev = (t - 20).clamp(min=0)
         x = teacher.add_noise(z0, torch.randn_like(z0), t)
@@ -120,7 +132,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         models = {"tiny-digits UNet (8x8 latents)": str(WORLD),
-                  "larger tiny UNet (32x32 latents)": str(larger_pipeline(Path(tmp) / "larger"))}
+                  "wider UNet (16x16 latents, 65M params)": str(larger_pipeline(Path(tmp) / "larger"))}
         rows = []
         for label, model in models.items():
             result = {}
