@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .errors import StepdistillError
 from .prompts import read_prompts
-from .recipe import Recipe
+from .recipe import Recipe, pipeline_call_kwargs
 from .teacher import _check_pipeline_folder, check_supported
 
 logger = logging.getLogger(__name__)
@@ -545,14 +545,7 @@ class SamplerSettings:
     eta: float | None
 
     def call_kwargs(self) -> dict:
-        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
-        if self.timesteps:
-            kwargs["timesteps"] = list(self.timesteps)
-        else:
-            kwargs["num_inference_steps"] = self.num_inference_steps
-        if self.eta is not None:
-            kwargs["eta"] = self.eta
-        return kwargs
+        return pipeline_call_kwargs(self.guidance_scale, self.num_inference_steps, self.timesteps, self.eta)
 
 
 def _settings(args, recipe: Recipe | None) -> SamplerSettings:

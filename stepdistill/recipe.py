@@ -53,14 +53,7 @@ class Recipe:
 
     def call_kwargs(self) -> dict[str, Any]:
         """Arguments for ``pipe(prompt, **recipe.call_kwargs())``."""
-        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
-        if self.timesteps:
-            kwargs["timesteps"] = list(self.timesteps)
-        else:
-            kwargs["num_inference_steps"] = self.num_inference_steps
-        if self.eta is not None:
-            kwargs["eta"] = self.eta
-        return kwargs
+        return pipeline_call_kwargs(self.guidance_scale, self.num_inference_steps, self.timesteps, self.eta)
 
     def make_scheduler(self, base_config):
         import diffusers
@@ -69,6 +62,20 @@ class Recipe:
         if cls is None:
             raise StepdistillError(f"recipe names scheduler {self.scheduler!r}, which this diffusers does not have")
         return cls.from_config(base_config, **self.scheduler_kwargs)
+
+
+def pipeline_call_kwargs(guidance_scale: float, num_inference_steps: int | None, timesteps: list[int] | None,
+                         eta: float | None) -> dict[str, Any]:
+    """Pipeline call arguments for a sampling setting: explicit timesteps win over a step count; eta only when
+    set (pipelines default it to 0)."""
+    kwargs: dict[str, Any] = {"guidance_scale": guidance_scale}
+    if timesteps:
+        kwargs["timesteps"] = list(timesteps)
+    else:
+        kwargs["num_inference_steps"] = num_inference_steps
+    if eta is not None:
+        kwargs["eta"] = eta
+    return kwargs
 
 
 def load(pipe, output_dir: str | Path, adapter_name: str = "stepdistill"):
