@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # On this project's machines `torch==2.13.0` is a CPU build on local disk; installing it first keeps pip from
 # pulling a multi-GB CUDA build to satisfy the unpinned requirement.
 TORCH_SPEC ?= torch==2.13.0
+# where this project's machines keep that wheel (used only if the folder exists)
+WHEELS := $(wildcard /opt/wheels)
 
 .PHONY: test demo setup clean-venv
 
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(WHEELS),--find-links $(WHEELS)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
