@@ -108,8 +108,15 @@ def _parse_list(value: str | list) -> list:
     return [v.strip() for v in value.split("|" if "|" in value else ",") if v.strip()]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Bad command lines end in one line naming the argument (and --help), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=(config_class.__doc__ or "").strip(),
+    parser = _OneLineErrors(prog=prog, description=(config_class.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
     for f in fields(config_class):
