@@ -52,12 +52,19 @@ class DistillationMethod:
     def after_update(self, phase: str, step: int) -> None:
         """Called after an optimiser step of ``phase`` (EMA targets update here)."""
 
-    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Tensors besides the trainable weights that a checkpoint must keep (EMA weights)."""
+    def ema_copies(self) -> dict[str, nn.Module]:
+        """EMA copies the method keeps (a consistency target, a generator EMA), by checkpoint name."""
         return {}
 
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors besides the trainable weights that a checkpoint must keep: the EMA copies."""
+        return {name: {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                for name, module in self.ema_copies().items()}
+
     def load_extra_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        pass
+        for name, module in self.ema_copies().items():
+            if name in state:
+                module.load_state_dict(state[name])
 
     def learning_rate(self, name: str) -> float:
         return self.config.learning_rate
@@ -135,6 +142,12 @@ class DistillationMethod:
             self.student_unet().save_pretrained(output_dir / "unet", safe_serialization=True)
         recipe.save(output_dir)
         (output_dir / "README.md").write_text(model_card(recipe, type(self.teacher.pipe).__name__))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 - decay) · live, parameter by parameter, in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in live.parameters()], 1 - decay)
 
 
 def model_card(recipe: Recipe, pipeline_class: str) -> str:

@@ -22,7 +22,7 @@ from ..config import TrainConfig, option
 from ..errors import StepdistillError
 from ..prompts import read_prompts
 from ..teacher import Conditioning
-from .base import DistillationMethod
+from .base import DistillationMethod, ema_update
 
 IMAGE_SOURCES = ("train_data_dir", "dataset_name", "train_shards")
 
@@ -295,21 +295,13 @@ class DistributionMatching(DistillationMethod):
         return self.net(name) is not self.networks[name]
 
     # ------------------------------------------------------------------ EMA
-    @torch.no_grad()
     def after_update(self, phase, step):
         if phase == "generator" and self.ema is not None:
             decay = min(self.config.generator_ema_decay, (1 + step) / (10 + step))
-            live = [p.detach() for p in self.networks["generator"].parameters()]
-            torch._foreach_lerp_(list(self.ema.parameters()), live, 1 - decay)
+            ema_update(self.ema, self.networks["generator"], decay)
 
-    def extra_state(self):
-        if self.ema is None:
-            return {}
-        return {"generator_ema": {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}}
-
-    def load_extra_state(self, state):
-        if self.ema is not None and "generator_ema" in state:
-            self.ema.load_state_dict(state["generator_ema"])
+    def ema_copies(self):
+        return {"generator_ema": self.ema} if self.ema is not None else {}
 
     # ------------------------------------------------------------------ pieces
     def uncond(self, b: int) -> Conditioning:

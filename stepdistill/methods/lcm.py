@@ -11,7 +11,7 @@ import torch
 from ..config import TrainConfig, option
 from ..errors import StepdistillError
 from ..recipe import Recipe
-from .base import DistillationMethod
+from .base import DistillationMethod, ema_update
 from .consistency import boundary_scalings, consistency_loss, guided_solver_step, skipping_grid
 
 
@@ -103,20 +103,12 @@ class LCM(DistillationMethod):
         loss = consistency_loss(prediction, target, c.loss_type, c.huber_c)
         return loss, {"loss": loss.detach()}
 
-    @torch.no_grad()
     def after_update(self, phase, step):
         if self.target is not None:
-            src = [p.detach() for p in self.networks["student"].parameters()]
-            torch._foreach_lerp_(list(self.target.parameters()), src, 1 - self.config.ema_decay)
+            ema_update(self.target, self.networks["student"], self.config.ema_decay)
 
-    def extra_state(self):
-        if self.target is None:
-            return {}
-        return {"target": {k: v.detach().cpu().contiguous() for k, v in self.target.state_dict().items()}}
-
-    def load_extra_state(self, state):
-        if self.target is not None and "target" in state:
-            self.target.load_state_dict(state["target"])
+    def ema_copies(self):
+        return {"target": self.target} if self.target is not None else {}
 
     def recipe(self) -> Recipe:
         c = self.config

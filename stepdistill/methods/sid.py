@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dataclasses import dataclass
 
 from ..config import option
@@ -99,7 +101,7 @@ class SiD(DistributionMatching):
     def build(self) -> None:
         c = self.config
         self.generator_timesteps = sid_timesteps(c.init_timestep, c.num_steps)
-        sigma = float((1 - self.teacher.alphas_cumprod[c.init_timestep]).sqrt())
+        sigma = float(self.teacher.alpha_sigma(torch.tensor([c.init_timestep]), torch.zeros(1))[1])
         self.init_noise_scale = sigma if c.init_noise == "scaled" else 1.0
         k1, k2, _, k4 = c.kappas()
         zero = c.guidance_preset == "zero_cfg"
