@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -155,21 +154,6 @@ def check_variant(method, variant: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- one run
-def peak_rss_mb() -> tuple[float, float]:
-    """This process's peak RSS in MB: VmHWM (the high-water mark of its own address space since exec) and
-    ``ru_maxrss``. On Linux ru_maxrss is not the process's own: at exec the kernel folds the parent's high-water
-    mark into it, so every child of a parent that once held 700 MB reports at least 700 MB. VmHWM is what the table
-    shows (ru_maxrss where /proc is missing)."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, maxrss
-    except OSError:
-        pass
-    return maxrss, maxrss
-
-
 def one_run(method: str, variant: str, model: str, steps: int, warmup: int, batch_size: int, rank: int) -> dict:
     from stepdistill.config import parse_config
     from stepdistill.trainer import Trainer
@@ -184,6 +168,8 @@ def one_run(method: str, variant: str, model: str, steps: int, warmup: int, batc
             pass
 
         def finish(self) -> Path:
+            from bench_lcm import peak_rss_mb
+
             result["peak_rss_mb"], result["ru_maxrss_mb"] = peak_rss_mb()
             return self.output_dir
 

@@ -42,6 +42,21 @@ def larger_pipeline(directory: Path) -> Path:
     return directory
 
 
+def peak_rss_mb() -> tuple[float, float]:
+    """This process's peak RSS in MB: VmHWM (the high-water mark of its own address space since exec) and
+    ``ru_maxrss``. On Linux ru_maxrss is not the process's own: at exec the kernel folds the parent's high-water
+    mark into it, so every child of a parent that once held 700 MB reports at least 700 MB. VmHWM is what the table
+    shows (ru_maxrss where /proc is missing)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, maxrss
+    except OSError:
+        pass
+    return maxrss, maxrss
+
+
 def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> dict:
     from stepdistill.lora import add_lora
     from stepdistill.methods.consistency import boundary_scalings, consistency_loss, skipping_grid
@@ -116,7 +131,7 @@ def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> di
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()[0]
     return {"impl": impl, "steps_per_s": steps / elapsed, "peak_rss_mb": peak_mb}
 
 
