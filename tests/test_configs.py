@@ -1,0 +1,36 @@
+"""Every shipped config parses, validates and passes the trainer's preflight (no weights loaded): a config that
+drifts from the options fails here, not after a user has waited for the models to load."""
+
+from pathlib import Path
+
+import pytest
+
+from stepdistill.config import parse_config
+from stepdistill.methods.dmd2 import DMD2
+from stepdistill.methods.lcm import LCM
+from stepdistill.methods.sid import SiD
+from stepdistill.methods.tscd import TSCD
+from stepdistill.trainer import preflight
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"
+METHOD_OF = {"lcm_lora": LCM, "tscd": TSCD, "dmd2": DMD2, "dmd2_4step": DMD2, "sid": SiD, "sid_4step": SiD}
+
+
+def test_every_shipped_config_is_covered():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(METHOD_OF)
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_OF))
+def test_shipped_config_passes_preflight(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name assets/ relative to the repository root, as the README runs them
+    method = METHOD_OF[name]
+    config = parse_config(method.config_class, ["--config", str(CONFIGS / f"{name}.yaml"),
+                                                 "--output_dir", str(tmp_path / "out")])
+    preflight(config, method)
+    assert config.max_train_steps >= 1
+
+
+def test_dmd2_one_step_config_samples_where_it_trains():
+    config = parse_config(DMD2.config_class, ["--config", str(CONFIGS / "dmd2.yaml"), "--output_dir", "unused"])
+    assert config.conditioning_timestep == 625 and not config.denoising_timesteps
