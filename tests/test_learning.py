@@ -9,18 +9,13 @@ from conftest import train_args
 from stepdistill.config import parse_config
 from stepdistill.methods.lcm import LCM
 from stepdistill.methods.tscd import TSCD
-from stepdistill.sampling import cycle_prompts, generate
-from stepdistill.toy import data
-from stepdistill.toy.evaluate import DigitsJudge
+from stepdistill.toy.evaluate import DigitsJudge, score_pipeline
 from stepdistill.trainer import Trainer
 
 
 def _few_step_fid(trainer, judge, steps: int, n: int = 300) -> float:
-    prompts = cycle_prompts(data.eval_prompts(), n)
-    kwargs = trainer.method.recipe().call_kwargs()
-    kwargs["num_inference_steps"] = steps
-    images = generate(trainer.method.sampling_pipeline(), prompts, progress=False, **kwargs)
-    return judge.score(images, prompts)["digits_fid"]
+    kwargs = {**trainer.method.recipe().call_kwargs(), "num_inference_steps": steps}
+    return score_pipeline(trainer.method.sampling_pipeline(), judge, kwargs, num_images=n)[0]["digits_fid"]
 
 
 @pytest.mark.parametrize("method, extra", [(LCM, {"guidance_scale_min": 3, "guidance_scale_max": 3}),

@@ -114,6 +114,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def score_pipeline(pipe, judge: DigitsJudge, call_kwargs: dict, prompts: Sequence[str] | None = None,
+                   num_images: int = 1000, batch_size: int = 500, seed: int = 0, progress: bool = False,
+                   desc: str = "sampling") -> tuple[dict, torch.Tensor]:
+    """Digits-FID and prompt agreement of ``pipe(prompt, **call_kwargs)`` on the held-out prompts (image i seeded
+    ``seed + i``). Returns the scores and the uint8 images."""
+    from ..sampling import cycle_prompts, generate
+
+    prompts = list(prompts) if prompts is not None else cycle_prompts(data.eval_prompts(), num_images)
+    images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc, **call_kwargs)
+    return judge.score(images, prompts), images
+
+
 def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequence[int] = (1, 2, 4),
                   num_images: int = 1000, batch_size: int = 500, seed: int = 0, judge: DigitsJudge | None = None,
                   progress: bool = True) -> tuple[list[dict], torch.Tensor]:
@@ -122,7 +134,7 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
     from diffusers import StableDiffusionPipeline
 
     from ..recipe import Recipe, load
-    from ..sampling import cycle_prompts, generate
+    from ..sampling import cycle_prompts
 
     recipe = Recipe.load(student_dir)
     pipe = load(StableDiffusionPipeline.from_pretrained(world_dir), student_dir)
@@ -136,12 +148,11 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
         if recipe.timesteps and len(recipe.timesteps) == n:
             kwargs.pop("num_inference_steps")
             kwargs["timesteps"] = list(recipe.timesteps)
-        images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress,
-                          desc=f"{recipe.method} {n} steps", **kwargs)
+        scores, images = score_pipeline(pipe, judge, kwargs, prompts, batch_size=batch_size, seed=seed,
+                                        progress=progress, desc=f"{recipe.method} {n} steps")
         cfg = recipe.guidance_scale > 1 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
         rows.append({"sampler": f"{recipe.method} ({recipe.scheduler})", "steps": n,
-                     "guidance_scale": recipe.guidance_scale, "nfe": n * (2 if cfg else 1),
-                     **judge.score(images, prompts)})
+                     "guidance_scale": recipe.guidance_scale, "nfe": n * (2 if cfg else 1), **scores})
         grids.append(_one_per_digit(images, prompts))
     return rows, torch.cat(grids)
 
