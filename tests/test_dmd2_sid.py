@@ -164,6 +164,16 @@ def test_generator_updates_every_ratio_th_iteration_and_gan_starts_late(tiny_sd_
     assert {r["depth"] for r in logs if "depth" in r} <= {0.0, 1.0}
 
 
+def test_sid_updates_both_networks_every_iteration_unless_given_a_ratio(tiny_sd_path, prompts_file, tmp_path):
+    for ratio, expected in ((1, [1, 2, 3, 4, 5]), (2, [1, 3, 5])):
+        out = tmp_path / f"ratio{ratio}"
+        assert run(SiD, dm_args(tiny_sd_path, out, prompts=prompts_file, max_train_steps=5,
+                                dfake_gen_update_ratio=ratio)) == 0
+        logs = _logs(out)
+        assert [r["step"] for r in logs if "loss_sid" in r] == expected
+        assert all("loss_fake" in r for r in logs) and len(logs) == 5
+
+
 def _stock_pipeline(path, out):
     from diffusers import StableDiffusionPipeline
 

@@ -34,6 +34,8 @@ class DistributionMatchingConfig(TrainConfig):
 
     fake_score_learning_rate: float | None = option(None, "learning rate of the fake score and its GAN head "
                                                           "(default: --learning_rate)")
+    dfake_gen_update_ratio: int = option(1, "the fake score updates every iteration, the generator every N-th "
+                                            "(two time-scale updates)")
     min_step: int = option(20, "lowest t at which the two scores are compared (DMD2 0.02 T, SiD t_min)")
     max_step: int = option(980, "highest t at which the two scores are compared (DMD2 0.98 T, SiD t_max)")
     gan: bool = option(False, "add the Diffusion-GAN loss: a classifier head on the fake score's mid-block "
@@ -50,6 +52,9 @@ class DistributionMatchingConfig(TrainConfig):
         return [k for k in IMAGE_SOURCES if getattr(self, k, None)]
 
     def validate(self) -> None:
+        if self.dfake_gen_update_ratio < 1:
+            raise StepdistillError(f"--dfake_gen_update_ratio {self.dfake_gen_update_ratio}: must be at least 1 "
+                                   "(the generator updates every N-th iteration)")
         if not 0 <= self.min_step <= self.max_step < 1000:
             raise StepdistillError(f"--min_step {self.min_step} / --max_step {self.max_step}: need "
                                    "0 <= min_step <= max_step <= 999")
@@ -315,6 +320,9 @@ class DistributionMatching(DistillationMethod):
             return list(batch["prompts"])
         idx = rng.randint(0, len(self.prompts), len(batch["prompts"]))
         return [self.prompts[i] for i in idx.tolist()]
+
+    def generator_turn(self, step: int) -> bool:
+        return step % self.config.dfake_gen_update_ratio == 0
 
     def gan_active(self, step: int) -> bool:
         return self.config.gan and step >= self.config.gan_start_step

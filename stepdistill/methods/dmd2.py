@@ -39,9 +39,6 @@ class DMD2Config(DistributionMatchingConfig):
     def validate(self) -> None:
         super().validate()
         self.denoising_timesteps = _ints("denoising_timesteps", self.denoising_timesteps)
-        if self.dfake_gen_update_ratio < 1:
-            raise StepdistillError(f"--dfake_gen_update_ratio {self.dfake_gen_update_ratio}: must be at least 1 "
-                                   "(the generator updates every N-th iteration)")
         if self.real_guidance_scale < 0:
             raise StepdistillError(f"--real_guidance_scale {self.real_guidance_scale}: must be >= 0 (Imagen "
                                    "convention: 1 is no guidance, 0 the unconditional score)")
@@ -69,9 +66,7 @@ class DMD2(DistributionMatching):
 
     def phases(self, step: int) -> list[str]:
         # train_sd.py: COMPUTE_GENERATOR_GRADIENT = step % dfake_gen_update_ratio == 0; the generator's turn first
-        if step % self.config.dfake_gen_update_ratio == 0:
-            return ["generator", "fake_score"]
-        return ["fake_score"]
+        return ["generator", "fake_score"] if self.generator_turn(step) else ["fake_score"]
 
     def fake_timestep_range(self) -> tuple[int, int]:
         return 0, self.teacher.num_train_timesteps - 1  # F's denoising loss: t ~ U{0..999}

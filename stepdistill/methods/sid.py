@@ -111,7 +111,8 @@ class SiD(DistributionMatching):
         super().build()
 
     def phases(self, step: int) -> list[str]:
-        return ["fake_score", "generator"]  # the official loop: F's update, then G's, every iteration
+        # the official loop: F's update, then G's, every iteration (ratio 1); ratio N > 1 skips G's on N-1 of N
+        return ["fake_score", "generator"] if self.generator_turn(step) else ["fake_score"]
 
     def recipe(self) -> Recipe:
         c, steps = self.config, list(self.generator_timesteps)
