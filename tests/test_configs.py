@@ -34,3 +34,13 @@ def test_shipped_config_passes_preflight(name, tmp_path, monkeypatch):
 def test_dmd2_one_step_config_samples_where_it_trains():
     config = parse_config(DMD2.config_class, ["--config", str(CONFIGS / "dmd2.yaml"), "--output_dir", "unused"])
     assert config.conditioning_timestep == 625 and not config.denoising_timesteps
+
+
+@pytest.mark.parametrize("name, steps", [("sid", [625]), ("sid_4step", [625, 468, 312, 156])])
+def test_sid_configs_learn_from_prompts_and_use_images_only_for_the_gan(name, steps):
+    from stepdistill.methods.sid import sid_timesteps
+
+    config = parse_config(SiD.config_class, ["--config", str(CONFIGS / f"{name}.yaml"), "--output_dir", "unused"])
+    assert config.prompts_file and config.gan and config.train_data_dir == "builtin:tiny-digits"
+    assert config.init_noise == "unit"  # so the stock LCMScheduler call reproduces the training sampler
+    assert sid_timesteps(config.init_timestep, config.num_steps) == steps
