@@ -321,8 +321,13 @@ class DistributionMatching(DistillationMethod):
         idx = rng.randint(0, len(self.prompts), len(batch["prompts"]))
         return [self.prompts[i] for i in idx.tolist()]
 
-    def generator_turn(self, step: int) -> bool:
-        return step % self.config.dfake_gen_update_ratio == 0
+    def phases(self, step: int) -> list[str]:
+        """F every iteration, G every dfake_gen_update_ratio-th (DMD2 train_sd.py: COMPUTE_GENERATOR_GRADIENT = step %
+        ratio == 0; SiD's official loop: ratio 1). DMD2's F trains on the sample of G's turn, so G goes first there;
+        SiD updates F, then G."""
+        if step % self.config.dfake_gen_update_ratio:
+            return ["fake_score"]
+        return ["generator", "fake_score"] if self.share_sample_across_phases else ["fake_score", "generator"]
 
     def gan_active(self, step: int) -> bool:
         return self.config.gan and step >= self.config.gan_start_step

@@ -64,10 +64,6 @@ class DMD2(DistributionMatching):
         self.guidance = Guidance(real=c.real_guidance_scale)  # the fake score never sees CFG
         super().build()
 
-    def phases(self, step: int) -> list[str]:
-        # train_sd.py: COMPUTE_GENERATOR_GRADIENT = step % dfake_gen_update_ratio == 0; the generator's turn first
-        return ["generator", "fake_score"] if self.generator_turn(step) else ["fake_score"]
-
     def fake_timestep_range(self) -> tuple[int, int]:
         return 0, self.teacher.num_train_timesteps - 1  # F's denoising loss: t ~ U{0..999}
 

@@ -110,10 +110,6 @@ class SiD(DistributionMatching):
         self.generator_loss = SiDLoss(c.alpha)
         super().build()
 
-    def phases(self, step: int) -> list[str]:
-        # the official loop: F's update, then G's, every iteration (ratio 1); ratio N > 1 skips G's on N-1 of N
-        return ["fake_score", "generator"] if self.generator_turn(step) else ["fake_score"]
-
     def recipe(self) -> Recipe:
         c, steps = self.config, list(self.generator_timesteps)
         note = ("a stock call starts from unit noise, which is what this generator was trained on"
