@@ -10,7 +10,7 @@ from stepdistill.methods.dmd2 import DMD2
 from stepdistill.methods.lcm import LCM
 from stepdistill.methods.sid import SiD
 from stepdistill.methods.tscd import TSCD
-from stepdistill.trainer import preflight
+from stepdistill.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"

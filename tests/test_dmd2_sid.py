@@ -20,7 +20,8 @@ from stepdistill.methods.sid import SiD, SiDConfig, sid_timesteps
 from stepdistill.randomness import StepRandom
 from stepdistill.recipe import Recipe
 from stepdistill.teacher import Teacher
-from stepdistill.trainer import check_resolution, run
+from stepdistill.preflight import check_resolution
+from stepdistill.trainer import run
 
 
 @pytest.fixture(scope="module")

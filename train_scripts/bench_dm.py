@@ -95,7 +95,7 @@ def build_method(method: str, variant: str, argv: list[str]):
     """The method object of one variant on the teacher named in ``argv`` (no trainer, no data)."""
     from stepdistill.config import parse_config
     from stepdistill.teacher import Teacher
-    from stepdistill.trainer import check_resolution
+    from stepdistill.preflight import check_resolution
 
     cls = method_class(method, variant)
     config = parse_config(cls.config_class, argv)

@@ -1,0 +1,68 @@
+"""Every check a training run makes before any weights load: the base model, the steps, the output directory, the
+checkpoint to resume and the resolution (read from the components' config files alone)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .checkpoint import resolve_checkpoint
+from .errors import StepdistillError
+from .teacher import _check_pipeline_folder, check_supported
+
+
+def _check_output_dir(path: str) -> None:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise StepdistillError(f"--output_dir {path} is not writable ({e.strerror}); pass a directory you can "
+                               "write to") from e
+
+
+def preflight(config, method_cls) -> None:
+    """Every check that needs no model weights, before anything expensive is loaded."""
+    model = str(config.pretrained_model_name_or_path)
+    class_name = _check_pipeline_folder(model)
+    if class_name is not None:
+        check_supported(class_name, model)
+    if config.max_train_steps < 1:
+        raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
+    if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise StepdistillError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    _check_output_dir(config.output_dir)
+    resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
+    check_resolution(config)
+
+
+def _component_config(model: str, subfolder: str, revision=None) -> dict:
+    """A component's config.json alone (no weights): from the folder, or the hub's small config file."""
+    local = Path(model) / subfolder / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from diffusers import ConfigMixin
+
+    return ConfigMixin.load_config(model, subfolder=subfolder, revision=revision)
+
+
+def check_resolution(config) -> int:
+    """The training resolution, checked against the VAE and UNet configs before any weights load."""
+    model = str(config.pretrained_model_name_or_path)
+    vae = _component_config(model, "vae", config.revision)
+    unet = _component_config(model, "unet", config.revision)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    resolution = config.resolution or int(unet["sample_size"]) * vae_factor
+    # the VAE downsamples by its factor, the UNet halves the latent once per down block after the first, and the
+    # stock SD/SDXL pipelines insist on multiples of 8
+    factor = math.lcm(8, vae_factor * 2 ** (len(unet["block_out_channels"]) - 1))
+    if resolution % factor:
+        raise StepdistillError(f"--resolution {resolution} is not divisible by {factor} (VAE factor {vae_factor} "
+                               f"x UNet downsampling, and the pipelines' 8); use a multiple of {factor}, e.g. "
+                               f"{max(factor, resolution // factor * factor)}")
+    config.resolution = resolution
+    return resolution
