@@ -49,10 +49,6 @@ class StepRandom:
         return int(torch.randint(low, high, (1,), generator=g))
 
     def stream(self, name: str) -> "StepRandom":
-        """An independent stream of the same iteration (e.g. one per phase of a two time-scale method, so phases
-        that share an iteration do not draw the same noise)."""
+        """An independent stream of the same iteration, named (the loop gives each phase its own; a method may
+        name more, e.g. the "sample" stream DMD2's two phases share)."""
         return StepRandom(f"{self.seed}/{name}", self.iteration, self.rank, self.world_size, self.device)
-
-    def shared_rand(self) -> float:
-        g = self._generator()
-        return float(torch.rand(1, generator=g))

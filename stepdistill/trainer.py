@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import parse_config
 from .data import BatchServer, build_dataset
 from .errors import StepdistillError
+from .methods.base import PhaseContext
 from .lora import trainable_state_dict
 from .randomness import StepRandom
 from .preflight import preflight
@@ -71,14 +72,16 @@ class Trainer:
         self.data = BatchServer(self.dataset, config.train_batch_size, acc.process_index, acc.num_processes,
                                 config.seed, latents)
 
-        self.optimizers, self.schedulers, self.params = {}, {}, {}
+        # wrapped: each network as the accelerator prepared it (DDP in distributed runs); methods only ever see the
+        # wrapped module of the phase they compute (PhaseContext.trained)
+        self.optimizers, self.schedulers, self.params, self.wrapped = {}, {}, {}, {}
         for name, net in self.method.networks.items():
             params = self.method.trainable_parameters(name)
             opt = torch.optim.AdamW(params, lr=self.method.learning_rate(name), **self.method.optimizer_kwargs(name))
             updates = self._updates_of(name)
             self.schedulers[name] = _lr_scheduler(config.lr_scheduler, opt, config.lr_warmup_steps, updates)
             wrapped, self.optimizers[name] = acc.prepare(net, opt)
-            self.method.wrapped[name] = wrapped
+            self.wrapped[name] = wrapped
             self.params[name] = params
         self.step = 0
         self.log_file = self.output_dir / "logs.jsonl"
@@ -129,7 +132,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            modules = {name: trainable_state_dict(acc.unwrap_model(w)) for name, w in self.method.wrapped.items()}
+            modules = {name: trainable_state_dict(acc.unwrap_model(w)) for name, w in self.wrapped.items()}
             modules.update(self.method.extra_state())
             path = save_checkpoint(self.output_dir, self.step, method=self.method_cls.name, modules=modules,
                                    optimizers=self.optimizers, schedulers=self.schedulers,
@@ -160,19 +163,21 @@ class Trainer:
         last = time.time()
         while self.step < config.max_train_steps:
             logs: dict[str, float] = {}
+            handoffs: list[dict] = [{} for _ in range(accum)]  # per micro-batch: what earlier phases handed over
             for phase in method.phases(self.step):
                 for micro in range(accum):
                     iteration = self.step * accum + micro
-                    batch = self.data.batch(iteration)
-                    rng = StepRandom(config.seed, iteration, acc.process_index, acc.num_processes, acc.device)
+                    ctx = self._context(phase, iteration, handoffs[micro])
                     sync = micro == accum - 1
-                    ctx = acc.no_sync(method.wrapped[phase]) if not sync else contextlib.nullcontext()
-                    with ctx, acc.autocast():
-                        loss, phase_logs = method.loss(phase, batch, rng, self.step)
+                    no_sync = acc.no_sync(self.wrapped[phase]) if not sync else contextlib.nullcontext()
+                    with no_sync, acc.autocast():
+                        out = method.loss(ctx)
+                        loss = out.loss if acc.num_processes == 1 else self._touch_every_parameter(out.loss, phase)
                         # inputs=: gradients reach only this phase's network (a generator loss that flows through
                         # the fake score must not leave gradients on the fake score)
                         acc.backward(loss / accum, inputs=self.params[phase])
-                    for k, v in phase_logs.items():
+                    handoffs[micro].update(out.handoff)
+                    for k, v in out.logs.items():
                         logs[k] = logs.get(k, 0.0) + float(v) / accum
                 if config.max_grad_norm:
                     acc.clip_grad_norm_(self.params[phase], config.max_grad_norm)
@@ -197,6 +202,21 @@ class Trainer:
         bar.close()
         self._save_checkpoint()
         return self.finish()
+
+    def _context(self, phase: str, iteration: int, received: dict) -> PhaseContext:
+        """One phase's view of one (micro-)iteration: its batch, its own random stream, its prepared network."""
+        acc = self.accelerator
+        root = StepRandom(self.config.seed, iteration, acc.process_index, acc.num_processes, acc.device)
+        rng = root if phase == self.method.main_stream_phase else root.stream(phase)
+        return PhaseContext(phase=phase, step=self.step, batch=self.data.batch(iteration), rng=rng,
+                            iteration_rng=root, trained=self.wrapped[phase], received=received)
+
+    def _touch_every_parameter(self, loss: torch.Tensor, phase: str) -> torch.Tensor:
+        """loss + 0 · Σ params: under DDP every parameter of the phase's network must receive a gradient, also the
+        parts a phase may leave unused (the fake score's GAN head before the GAN starts). find_unused_parameters is
+        no way out: the fake score's turn calls its DDP module twice (denoising, then the GAN head), and the
+        second call would mark the first call's parameters unused."""
+        return loss + 0.0 * torch.stack([p.sum() for p in self.params[phase]]).sum()
 
     def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
         """Mean of each logged value over processes (so logs describe the global batch)."""

@@ -3,8 +3,9 @@
 import torch
 from diffusers import DDIMScheduler
 
-from stepdistill.methods.consistency import (boundary_scalings, consistency_loss, guided_solver_step,
-                                             lower_edge, segment_edges, skipping_grid)
+from stepdistill.methods.consistency import (boundary_scalings, guided_solver_step, lower_edge, segment_edges,
+                                             skipping_grid)
+from stepdistill.methods.losses import ConsistencyLoss, hinge_discriminator_loss, hinge_generator_loss
 from stepdistill.teacher import Teacher
 
 
@@ -60,5 +61,12 @@ def test_pseudo_huber_by_hand():
     pred, target = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])
     c = 1e-3
     expected = ((0 + c * c) ** 0.5 - c + (1 + c * c) ** 0.5 - c) / 2
-    assert abs(consistency_loss(pred, target, "huber", c).item() - expected) < 1e-7
-    assert consistency_loss(pred, target, "l2").item() == 0.5
+    assert abs(ConsistencyLoss("huber", c)(pred, target).item() - expected) < 1e-7
+    assert ConsistencyLoss("l2")(pred, target).item() == 0.5
+
+
+def test_hinge_losses_by_hand():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # relu(1 - real) = [0, 0.5], relu(1 + fake) = [0, 1.5]
+    assert hinge_discriminator_loss(real, fake).item() == 0.25 + 0.75
+    assert hinge_generator_loss(fake).item() == 0.75

@@ -14,7 +14,10 @@ from conftest import REPO, train_args
 
 import stepdistill
 from stepdistill.config import parse_config
-from stepdistill.methods.distribution_matching import DMDLoss, FakeScore, GANHead, ScorePair, sid_loss
+from stepdistill.methods.distribution_matching import DistributionMatching
+from stepdistill.methods.losses import (DenoisingLoss, DMDLoss, ScorePair, gan_discriminator_loss,
+                                        gan_generator_loss, sid_loss)
+from stepdistill.methods.networks import FakeScore, GANHead
 from stepdistill.methods.dmd2 import DMD2
 from stepdistill.methods.sid import SiD, SiDConfig, sid_timesteps
 from stepdistill.randomness import StepRandom
@@ -108,7 +111,7 @@ def test_backward_simulation_renoises_with_fresh_noise(tiny_sd_path, prompts_fil
 
     method.networks["generator"] = Spy()
     cond = method.conditioning(["a digit"] * 2)
-    x0, depth = method.generate(cond, StepRandom(0, 5).stream("sample"), grad=False, depth=3)
+    x0, depth = method.generate(cond, StepRandom(0, 5).stream("sample"), depth=3)
     assert depth == 3 and [t for _, t in calls] == [999, 749, 499, 249]
     assert torch.allclose(x0, torch.zeros_like(x0), atol=1e-5)
     noises = [x / teacher.alpha_sigma(torch.tensor([t]), x)[1] if i else x for i, (x, t) in enumerate(calls)]
@@ -119,12 +122,39 @@ def test_backward_simulation_renoises_with_fresh_noise(tiny_sd_path, prompts_fil
             assert abs(float(corr)) < 0.2, (i, j, corr)
 
 
-def test_dmd2_fake_score_sees_the_generators_sample_sid_draws_anew():
-    rng = StepRandom(0, 3)
-    dmd = DMD2.__new__(DMD2)
-    assert torch.equal(dmd.sample_rng(rng, "generator").randn(2, 3), dmd.sample_rng(rng, "fake_score").randn(2, 3))
-    sid = SiD.__new__(SiD)
-    assert not torch.equal(sid.sample_rng(rng, "generator").randn(2, 3), sid.sample_rng(rng, "fake_score").randn(2, 3))
+@pytest.mark.parametrize("method, data, draws_per_iteration", [(DMD2, True, 1), (SiD, False, 2)])
+def test_dmd2_fake_score_trains_on_the_generators_sample_sid_draws_anew(method, data, draws_per_iteration,
+                                                                         tiny_sd_path, digits_dir, prompts_file,
+                                                                         tmp_path, monkeypatch):
+    """DMD2's generator hands its sample to the fake score's turn (one draw per iteration); SiD's two turns each
+    draw their own, from different noise."""
+    draws = []
+    generate = DistributionMatching.generate
+
+    def spy(self, cond, rng, trained=None, depth=None):
+        x0, d = generate(self, cond, rng, trained, depth)
+        draws.append(x0.detach().clone())
+        return x0, d
+
+    monkeypatch.setattr(DistributionMatching, "generate", spy)
+    argv = dm_args(tiny_sd_path, tmp_path / "out", digits_dir if data else None,
+                   prompts=None if data else prompts_file, max_train_steps=2, dfake_gen_update_ratio=1)
+    assert run(method, argv) == 0
+    assert len(draws) == 2 * draws_per_iteration
+    if draws_per_iteration == 2:
+        assert not torch.allclose(draws[0], draws[1])
+
+
+def test_the_family_losses_by_hand():
+    """The denoising loss's two reductions (NaN samples dropped) and the GAN's softplus losses."""
+    eps, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    eps[1, 0, 0, 0] = float("nan")
+    assert DenoisingLoss("mean")(eps, noise).item() == 1.0  # the NaN sample is dropped, the rest averaged
+    assert DenoisingLoss("sum")(eps, noise).item() == 4 / 2  # Σ over C·H·W of the kept sample / whole batch
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
+    softplus = lambda v: torch.log1p(torch.exp(v))  # noqa: E731
+    assert torch.allclose(gan_discriminator_loss(real, fake), softplus(fake).mean() + softplus(-real).mean())
+    assert torch.allclose(gan_generator_loss(fake), softplus(-fake).mean())
 
 
 # ------------------------------------------------------------------------------------------ GAN head

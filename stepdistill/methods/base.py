@@ -1,27 +1,55 @@
-"""What a distillation method is to the shared loop: networks to train, a loss per phase, which phases run on an
-iteration, and what it writes at the end. Nothing here parses arguments, checkpoints or logs."""
+"""What a distillation method is to the shared loop: networks to train, which phases run on an iteration and the
+loss of each, what one phase hands the next, and what it writes at the end. Nothing here parses arguments,
+checkpoints, logs or wraps modules for distributed training: the loop does (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..lora import add_lora, save_lora
+from ..lora import add_lora
 from ..randomness import StepRandom
 from ..recipe import Recipe
 from ..teacher import Conditioning, Teacher
 
 
+@dataclass
+class PhaseContext:
+    """What the loop gives one phase of one iteration (one micro-batch under gradient accumulation)."""
+
+    phase: str  # which network this phase updates
+    step: int  # the optimisation step (iteration)
+    batch: dict[str, Any]
+    rng: StepRandom  # this phase's own random stream
+    iteration_rng: StepRandom  # the iteration's stream, for streams a method shares between its phases
+    trained: nn.Module  # the phase's network as the loop prepared it (DDP): call it where gradients are wanted
+    received: dict[str, Any] = field(default_factory=dict)  # what earlier phases of this iteration handed over
+
+
+@dataclass
+class PhaseOutput:
+    loss: torch.Tensor
+    logs: dict[str, Any]
+    handoff: dict[str, Any] = field(default_factory=dict)  # given to the later phases of the same iteration
+
+
 class DistillationMethod:
+    """A method: ``build`` makes the trainable ``networks`` (one optimiser each), ``phases(step)`` names the
+    networks that update on an iteration, in order, and ``loss(ctx)`` is the loss of one phase."""
+
     name: ClassVar[str]
     config_class: ClassVar[type]
     needs_images: ClassVar[bool] = True
     student_name: ClassVar[str] = "student"  # the network that samples (DMD2/SiD call it "generator")
+    # The phase that draws from the iteration's own stream rather than one named after it: single-network methods
+    # (LCM, TSCD) draw from it as they did before phases had streams, so their runs reproduce exactly.
+    main_stream_phase: ClassVar[str | None] = "student"
 
     @classmethod
     def requires_images(cls, config) -> bool:
@@ -31,8 +59,7 @@ class DistillationMethod:
     def __init__(self, config, teacher: Teacher):
         self.config = config
         self.teacher = teacher
-        self.networks: dict[str, nn.Module] = {}  # optimiser name → trainable module (unwrapped)
-        self.wrapped: dict[str, nn.Module] = {}  # the same, as the accelerator prepared it (DDP etc.)
+        self.networks: dict[str, nn.Module] = {}  # optimiser name → trainable module (as built, never wrapped)
         self.build()
 
     # ------------------------------------------------------------- to override
@@ -40,10 +67,10 @@ class DistillationMethod:
         raise NotImplementedError
 
     def phases(self, step: int) -> list[str]:
-        """Which optimisers update on iteration ``step``, in order (two time-scale methods alternate here)."""
+        """Which networks update on iteration ``step``, in order (two time-scale methods alternate here)."""
         return ["student"]
 
-    def loss(self, phase: str, batch: dict[str, Any], rng: StepRandom, step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, ctx: PhaseContext) -> PhaseOutput:
         raise NotImplementedError
 
     def recipe(self) -> Recipe:
@@ -76,10 +103,6 @@ class DistillationMethod:
     # ------------------------------------------------------------- shared helpers
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for p in self.networks[name].parameters() if p.requires_grad]
-
-    def net(self, name: str) -> nn.Module:
-        """The module to call when its gradients are wanted (the DDP-wrapped one in distributed runs)."""
-        return self.wrapped.get(name, self.networks[name])
 
     def student_unet(self):
         """The UNet that samples: the teacher's own UNet carrying a LoRA, or a separate full student."""
@@ -132,50 +155,21 @@ class DistillationMethod:
         sampler.set_progress_bar_config(disable=True)
         return sampler
 
+    def student_recipe(self, **settings) -> Recipe:
+        """The recipe of this run's student: the base model and adapter kind filled in, ``settings`` for the rest."""
+        c = self.config
+        settings.setdefault("method", self.name)
+        return Recipe(base_model=str(c.pretrained_model_name_or_path),
+                      adapter="lora" if c.use_lora else "full_unet", **settings)
+
     def save_output(self, output_dir: str | Path) -> None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        recipe = self.recipe()
-        if recipe.adapter == "lora":
-            save_lora(self.student_unet(), output_dir, type(self.teacher.pipe))
-        elif recipe.adapter == "full_unet":
-            self.student_unet().save_pretrained(output_dir / "unet", safe_serialization=True)
-        recipe.save(output_dir)
-        (output_dir / "README.md").write_text(model_card(recipe, type(self.teacher.pipe).__name__))
+        """Weights, recipe and model card, as the output kind of the recipe writes them."""
+        from ..outputs import save_output
+
+        save_output(self.student_unet(), output_dir, self.recipe(), type(self.teacher.pipe))
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
     """ema ← decay · ema + (1 - decay) · live, parameter by parameter, in one fused call."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in live.parameters()], 1 - decay)
-
-
-def model_card(recipe: Recipe, pipeline_class: str) -> str:
-    call = ", ".join(f"{k}={v!r}" for k, v in recipe.call_kwargs().items())
-    load = ("pipe.load_lora_weights(student_dir)" if recipe.adapter == "lora" else
-            "pipe.unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder='unet')")
-    kwargs = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_kwargs.items())
-    return f"""---
-library_name: diffusers
-base_model: {recipe.base_model}
-tags: [stepdistill, {recipe.method}, text-to-image]
----
-# {recipe.method} student of `{recipe.base_model}`
-
-Trained with stepdistill ({recipe.method}). Sampling recipe
-(`stepdistill.json`): {recipe.scheduler}, {recipe.num_inference_steps} steps, timesteps {recipe.timesteps},
-guidance scale {recipe.guidance_scale}.
-
-```python
-import torch
-from diffusers import {pipeline_class}, {recipe.scheduler}, UNet2DConditionModel
-
-student_dir = "path/to/this/folder"
-pipe = {pipeline_class}.from_pretrained("{recipe.base_model}")
-{load}
-pipe.scheduler = {recipe.scheduler}.from_config(pipe.scheduler.config{kwargs})
-image = pipe("a prompt", {call}).images[0]
-```
-
-or, with stepdistill installed: `pipe = stepdistill.load(pipe, student_dir)`.
-"""

@@ -1,6 +1,14 @@
-"""DMD2 (methods.md §3): distribution matching against the teacher's CFG score, a fake score trained on the
-generator's samples with two time-scale updates, an optional Diffusion-GAN on the fake score's mid-block features,
-and one-step or multi-step generators trained with backward simulation."""
+"""DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"; official code tianweiy/DMD2).
+
+Algorithm, one iteration (train_sd.py, sd_unified_model.py, sd_guidance.py):
+  1. every dfake_gen_update_ratio-th iteration, the generator's turn: x̂ = G(z) (multi-step: backward simulation
+     over a random number of its own steps), t ~ U{min_step..max_step}, x_t = a_t x̂ + s_t ε;
+     L_G = DMD loss of (teacher at CFG real_guidance_scale, fake score without CFG) at x_t  [DMDLoss]
+           + w_g softplus(-D(x̂))                                                          [with --gan]
+  2. every iteration, the fake score's turn, on the SAME x̂ when the generator ran (one sample per iteration),
+     else a fresh one: ε-matching denoising loss (mean) at t ~ U{0..999}, no CFG
+           + w_d [softplus(D(fake)) + softplus(-D(real))]                                 [with --gan]
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,9 @@ from dataclasses import dataclass
 from ..config import option
 from ..errors import StepdistillError
 from ..recipe import Recipe
-from .distribution_matching import (DistributionMatching, DistributionMatchingConfig, DMDLoss, Guidance,
-                                    check_timesteps)
+from .base import PhaseContext, PhaseOutput
+from .distribution_matching import DistributionMatching, DistributionMatchingConfig, Guidance, check_timesteps
+from .losses import DenoisingLoss, DMDLoss
 
 
 def _ints(name: str, values: list) -> list[int]:
@@ -54,8 +63,8 @@ class DMD2Config(DistributionMatchingConfig):
 class DMD2(DistributionMatching):
     name = "dmd2"
     config_class = DMD2Config
-    share_sample_across_phases = True  # DMD2's fake score trains on the images of the generator's turn
     generator_loss = DMDLoss()
+    denoising_loss = DenoisingLoss("mean")  # sd_guidance.py compute_loss_fake: mean squared ε error
 
     def build(self) -> None:
         c = self.config
@@ -64,14 +73,25 @@ class DMD2(DistributionMatching):
         self.guidance = Guidance(real=c.real_guidance_scale)  # the fake score never sees CFG
         super().build()
 
-    def fake_timestep_range(self) -> tuple[int, int]:
-        return 0, self.teacher.num_train_timesteps - 1  # F's denoising loss: t ~ U{0..999}
+    def phases(self, step: int) -> list[str]:
+        """G first, so that F trains on the very sample G's turn made (train_sd.py)."""
+        return ["generator", "fake_score"] if self.generator_updates(step) else ["fake_score"]
+
+    def loss(self, ctx: PhaseContext) -> PhaseOutput:
+        sample_rng = ctx.iteration_rng.stream("sample")  # one sample per iteration, whichever phase draws it
+        if ctx.phase == "generator":
+            return self.generator_turn(ctx, sample_rng)
+        if "generator_sample" in ctx.received:
+            x_g, cond = ctx.received["generator_sample"]
+        else:
+            x_g, cond, _ = self.draw_sample(ctx.batch, sample_rng)
+        # the fake score's denoising loss over the whole schedule, t ~ U{0..999} (sd_guidance.py)
+        return self.fake_score_turn(ctx, x_g, cond, (0, self.teacher.num_train_timesteps - 1))
 
     def recipe(self) -> Recipe:
-        c, steps = self.config, list(self.generator_timesteps)
-        return Recipe(
-            method="dmd2", base_model=str(c.pretrained_model_name_or_path),
-            adapter="lora" if c.use_lora else "full_unet", scheduler="LCMScheduler",
+        steps = list(self.generator_timesteps)
+        return self.student_recipe(
+            scheduler="LCMScheduler",
             # every integer t is an LCM "training" timestep, so custom timesteps raise no warning
             scheduler_kwargs={"original_inference_steps": self.teacher.num_train_timesteps},
             num_inference_steps=len(steps), timesteps=steps, guidance_scale=1.0,

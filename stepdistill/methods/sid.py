@@ -1,17 +1,28 @@
 """Score identity Distillation, one- and few-step, with long-and-short guidance and the Zero-/Anti-CFG presets
-(methods.md §4). Data-free: the generator learns from prompts only; real images serve only the optional GAN."""
+(Zhou et al. 2024, SiD and SiD-LSG; few-step SiD; official code mingyuanzhou/SiD-LSG). Data-free: the generator
+learns from prompts only; real images serve only the optional Diffusion-GAN (SiDA).
+
+Algorithm, one iteration (SiD-LSG's training loop):
+  1. the fake score's turn, on its own fresh sample x_g = G(x_in) (few-step: the uniform mixture of steps):
+     t ~ U{min_step..max_step}; ε-matching loss of F at CFG κ1, summed over C·H·W, batch mean
+     (10 % empty prompts when κ1 or κ2 ≠ 1)                                              [+ GAN disc. with --gan]
+  2. every dfake_gen_update_ratio-th iteration (official: every one), the generator's turn on another fresh
+     sample: L_G = SiD loss (SiD eq. 21) of (teacher at κ4, F at κ2 = κ3), autograd THROUGH both scores into
+     x_t                                                                                   [+ GAN gen. with --gan]
+"""
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from ..config import option
 from ..errors import StepdistillError
 from ..recipe import Recipe
-from .distribution_matching import (DistributionMatching, DistributionMatchingConfig, Guidance, SiDLoss,
-                                    check_timesteps)
+from .base import PhaseContext, PhaseOutput
+from .distribution_matching import DistributionMatching, DistributionMatchingConfig, Guidance, check_timesteps
+from .losses import DenoisingLoss, SiDLoss
 
 LSG_DEFAULT = 1.5  # SiD-LSG SD1.5 one step: κ = 1.5 gives FID 8.15
 ANTI_CFG_DEFAULT = -0.5  # a first guess: our references name Anti-CFG (negative CFG in F) but give no value
@@ -96,7 +107,7 @@ class SiDConfig(DistributionMatchingConfig):
 class SiD(DistributionMatching):
     name = "sid"
     config_class = SiDConfig
-    fake_loss_reduction = "sum"  # the official loop sums over C·H·W and averages over the batch
+    denoising_loss = DenoisingLoss("sum")  # the official loop sums over C·H·W and averages over the batch
 
     def build(self) -> None:
         c = self.config
@@ -110,15 +121,26 @@ class SiD(DistributionMatching):
         self.generator_loss = SiDLoss(c.alpha)
         super().build()
 
+    def phases(self, step: int) -> list[str]:
+        """F, then G (the official loop updates both every iteration: ratio 1)."""
+        return ["fake_score", "generator"] if self.generator_updates(step) else ["fake_score"]
+
+    def loss(self, ctx: PhaseContext) -> PhaseOutput:
+        sample_rng = ctx.iteration_rng.stream(f"sample/{ctx.phase}")  # each turn draws its own sample
+        if ctx.phase == "generator":
+            return self.generator_turn(ctx, sample_rng)
+        x_g, cond, _ = self.draw_sample(ctx.batch, sample_rng)
+        c = self.config
+        return self.fake_score_turn(ctx, x_g, cond, (c.min_step, c.max_step))  # t ~ U{t_min..t_max}, as G's
+
     def recipe(self) -> Recipe:
         c, steps = self.config, list(self.generator_timesteps)
         note = ("a stock call starts from unit noise, which is what this generator was trained on"
                 if c.init_noise == "unit" else
                 "trained on first inputs √(1-ᾱ_t_init)·z: pass latents = init_noise_scale · randn to reproduce the "
                 "training sampler exactly (a stock call starts from unit noise)")
-        return Recipe(
-            method="sid", base_model=str(c.pretrained_model_name_or_path),
-            adapter="lora" if c.use_lora else "full_unet", scheduler="LCMScheduler",
+        return self.student_recipe(
+            scheduler="LCMScheduler",
             # LCM's multistep sampling re-noises each x0 with fresh noise: few-step SiD's sampler
             scheduler_kwargs={"original_inference_steps": self.teacher.num_train_timesteps},
             num_inference_steps=len(steps), timesteps=steps, guidance_scale=1.0,

@@ -1,9 +1,11 @@
-"""Trajectory segmented consistency distillation (Hyper-SD's TSCD), methods.md §2.
+"""Trajectory segmented consistency distillation (Hyper-SD's TSCD; Hyper-SD paper section 3.1).
 
 [0, T) is cut into k segments whose edges are the trailing DDIM timesteps for k steps; the student is consistent
-only inside a segment: from (x_t, t) it jumps (DDIM, its own x0/ε) to the segment's lower edge, and the target is
-the target network's jump from the teacher's next point (x_prev, t_prev) to the same edge. Stages k = 8 → 4 → 2 → 1
-train one LoRA progressively; the result serves every step count with trailing DDIM ("unified LoRA").
+only inside a segment: the consistency step of ``consistency.py`` with the projection = the DDIM jump (x0 and ε
+of the network) to the lower edge of the segment holding t (the target is x_prev itself when the teacher's step
+already landed on the edge). Stages k = 8 → 4 → 2 → 1 train one LoRA progressively; the result serves every step
+count with trailing DDIM ("unified LoRA"). Optional adversarial term: a hinge-loss head on the frozen teacher's
+mid-block features (PCM's train_pcm_lora_sd15_adv.py), its weight growing as the segments shrink (Hyper-SD).
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import torch
 from ..config import option
 from ..errors import StepdistillError
 from ..recipe import Recipe
-from .consistency import consistency_loss, guided_solver_step, lower_edge, skipping_grid
-from .lcm import LCM, LCMConfig
+from .base import PhaseContext, PhaseOutput
+from .consistency import ConsistencyConfig, ConsistencyDistillation, lower_edge
+from .losses import hinge_discriminator_loss, hinge_generator_loss
+from .networks import GANHead, mid_block_features
 
 
 @dataclass
-class TSCDConfig(LCMConfig):
+class TSCDConfig(ConsistencyConfig):
     """Trajectory segmented consistency distillation (Hyper-SD TSCD), progressive over segment counts."""
 
-    segments: list = option([8, 4, 2, 1], "segment counts of the stages, trained in order (e.g. 8,4,2,1)")
-    stage_steps: list = option([], "iterations per stage (default: max_train_steps split evenly)")
+    segments: list[int] = option([8, 4, 2, 1], "segment counts of the stages, trained in order (e.g. 8,4,2,1)")
+    stage_steps: list[int] = option([], "iterations per stage (default: max_train_steps split evenly)")
     num_ddim_timesteps: int = option(40, "N of the solver grid; must be a multiple of every segment count so "
                                          "edges fall on trailing DDIM timesteps")
     guidance_scale_min: float = option(3.0, "lowest teacher CFG scale drawn per sample")
@@ -39,8 +43,6 @@ class TSCDConfig(LCMConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.segments = [int(k) for k in self.segments]
-        self.stage_steps = [int(s) for s in self.stage_steps]
         if not self.segments or any(k < 1 for k in self.segments):
             raise StepdistillError(f"--segments {self.segments}: give positive segment counts such as 8,4,2,1")
         bad = [k for k in self.segments if self.num_ddim_timesteps % k or 1000 % k]
@@ -59,16 +61,13 @@ class TSCDConfig(LCMConfig):
                                    "frozen teacher, i.e. the shared UNet with its adapters off")
 
 
-class TSCD(LCM):
+class TSCD(ConsistencyDistillation):
     name = "tscd"
     config_class = TSCDConfig
-    guidance_embedded = False
 
     def build(self) -> None:
         super().build()
         c = self.config
-        self.grid = skipping_grid(self.teacher.num_train_timesteps, c.num_ddim_timesteps)
-        self.k = self.teacher.num_train_timesteps // c.num_ddim_timesteps
         if c.stage_steps:
             bounds = c.stage_steps
         else:
@@ -76,88 +75,75 @@ class TSCD(LCM):
             bounds = [base + (i < rest) for i in range(len(c.segments))]
         self.stage_ends = torch.tensor(bounds).cumsum(0).tolist()
         if c.adversarial_weight:
-            self._build_discriminator()
-
-    def _build_discriminator(self) -> None:
-        """PCM's adversarial head: a small trainable head on the FROZEN teacher's mid-block features (the shared
-        UNet with adapters off, so no second UNet is held); only the head trains."""
-        from .distribution_matching import FakeScore, GANHead
-
-        unet = self.teacher.unet
-        channels = int(unet.config.block_out_channels[-1])
-        size = (self.config.resolution // self.teacher.vae_scale_factor) // 2 ** (len(unet.config.block_out_channels) - 1)
-        self.networks["discriminator"] = GANHead(channels, size).to(self.teacher.device)
-        self._trunk = FakeScore(unet, torch.nn.Identity())  # runs the UNet up to its mid block; not trained
-        self._adversarial_batch = None
-
-    def adversarial_on(self, step: int) -> bool:
-        return bool(self.config.adversarial_weight) and step >= self.config.adversarial_start_step
-
-    def phases(self, step: int) -> list[str]:
-        return ["student", "discriminator"] if self.adversarial_on(step) else ["student"]
+            # PCM's adversarial head: trained on the FROZEN teacher's mid-block features (the shared UNet with its
+            # adapters off, so no second UNet is held); only the head trains
+            latent = c.resolution // self.teacher.vae_scale_factor
+            self.networks["discriminator"] = GANHead.for_unet(self.teacher.unet, latent).to(self.teacher.device)
 
     def learning_rate(self, name: str) -> float:
         if name == "discriminator" and self.config.discriminator_learning_rate is not None:
             return self.config.discriminator_learning_rate
         return self.config.learning_rate
 
-    def discriminate(self, x: torch.Tensor, t: torch.Tensor, cond, training_head: bool) -> torch.Tensor:
-        """Head logits on the frozen teacher's features. Training the head: features without a graph and the
-        (DDP-)wrapped head; training the student: gradients flow through the trunk into x, and the plain head."""
-        with self.teacher_mode(), torch.set_grad_enabled(not training_head and torch.is_grad_enabled()):
-            features = self._trunk(x, t, **cond.unet_kwargs(), classify=True)
-        head = self.net("discriminator") if training_head else self.networks["discriminator"]
-        return head(features)
-
+    # ------------------------------------------------------------- schedule
     def segments_at(self, step: int) -> int:
         for k, end in zip(self.config.segments, self.stage_ends):
             if step < end:
                 return k
         return self.config.segments[-1]
 
-    def loss(self, phase, batch, rng, step):
-        if phase == "discriminator":
-            # hinge loss (PCM) on the student's jump vs the teacher trajectory's point at the same edge
-            prediction, target, edge, cond = self._adversarial_batch
-            loss = (torch.relu(1 - self.discriminate(target, edge, cond, training_head=True)).mean()
-                    + torch.relu(1 + self.discriminate(prediction, edge, cond, training_head=True)).mean())
-            return loss, {"loss_disc": loss.detach()}
-        c, teacher = self.config, self.teacher
-        segments = self.segments_at(step)
-        z0 = self.clean_latents(batch, rng)
-        b = z0.shape[0]
-        t = self.grid[rng.randint(0, c.num_ddim_timesteps, b)].to(z0.device)
-        t_prev = (t - self.k).clamp(min=0)
-        edge = lower_edge(t, segments, teacher.num_train_timesteps)
-        x = teacher.add_noise(z0, rng.randn_like(z0), t)
-        w = c.guidance_scale_min + (c.guidance_scale_max - c.guidance_scale_min) * rng.rand(b).to(z0.device)
-        cond = self.conditioning(batch["prompts"])
-        student_out = teacher.predict(x, t, cond, unet=self.net("student"))
-        prediction = teacher.ddim_step(student_out, x, t, edge)
-        with torch.no_grad():
-            with self.teacher_mode() as teacher_unet:
-                x_prev = guided_solver_step(teacher, teacher_unet, x, t, t_prev, cond, w)
-            target_unet = self.target if self.target is not None else self.networks["student"]
-            target_out = teacher.predict(x_prev, t_prev, cond, unet=target_unet)
-            jumped = teacher.ddim_step(target_out, x_prev, t_prev, edge)
-            at_edge = (t_prev == edge).view(-1, *([1] * (x.ndim - 1)))
-            target = torch.where(at_edge, x_prev, jumped)  # the teacher step already landed on the edge
-        loss = consistency_loss(prediction, target, c.loss_type, c.huber_c)
+    def adversarial_on(self, step: int) -> bool:
+        return bool(self.config.adversarial_weight) and step >= self.config.adversarial_start_step
+
+    def phases(self, step: int) -> list[str]:
+        """The student, then (with the adversarial term) the head on the student's detached jump."""
+        return ["student", "discriminator"] if self.adversarial_on(step) else ["student"]
+
+    # ------------------------------------------------------------- projection
+    def end_point(self, t, step):
+        return lower_edge(t, self.segments_at(step), self.teacher.num_train_timesteps)
+
+    def project(self, out, x, t, end):
+        at_end = (t == end).view(-1, *([1] * (x.ndim - 1)))  # the teacher's step already landed on the edge
+        return torch.where(at_end, x, self.teacher.ddim_step(out, x, t, end))
+
+    # ------------------------------------------------------------- losses
+    def discriminate(self, head, x: torch.Tensor, t: torch.Tensor, cond, grad_into_x: bool) -> torch.Tensor:
+        """Head logits on the frozen teacher's mid-block features; the trunk keeps a graph only when gradients must
+        reach x (the student's adversarial term), not when the head itself trains."""
+        with self.teacher_mode() as unet, torch.set_grad_enabled(grad_into_x and torch.is_grad_enabled()):
+            features = mid_block_features(unet, x, t, **cond.unet_kwargs())
+        return head(features.float())
+
+    def loss(self, ctx: PhaseContext) -> PhaseOutput:
+        if ctx.phase == "discriminator":
+            return self.discriminator_loss(ctx)
+        c = self.config
+        terms = self.consistency_terms(ctx)
+        loss = self.loss_fn(terms.prediction, terms.target)
+        segments = self.segments_at(ctx.step)
         logs = {"loss": loss.detach(), "segments": float(segments)}
-        if self.adversarial_on(step):
-            # Hyper-SD: the adversarial weight grows as the segments shrink
-            weight = c.adversarial_weight * c.segments[0] / segments
-            adversarial = -self.discriminate(prediction, edge, cond, training_head=False).mean()
+        handoff = {}
+        if self.adversarial_on(ctx.step):
+            weight = c.adversarial_weight * c.segments[0] / segments  # Hyper-SD: grows as the segments shrink
+            adversarial = hinge_generator_loss(
+                self.discriminate(self.networks["discriminator"], terms.prediction, terms.end, terms.cond, True))
             loss = loss + weight * adversarial
             logs["loss_adv"] = adversarial.detach()
-            self._adversarial_batch = (prediction.detach(), target, edge, cond)
-        return loss, logs
+            handoff["adversarial_batch"] = (terms.prediction.detach(), terms.target, terms.end, terms.cond)
+        return PhaseOutput(loss, logs, handoff)
+
+    def discriminator_loss(self, ctx: PhaseContext) -> PhaseOutput:
+        """Hinge loss on the student's jump (fake) against the teacher trajectory's point at the same edge."""
+        prediction, target, edge, cond = ctx.received["adversarial_batch"]
+        loss = hinge_discriminator_loss(self.discriminate(ctx.trained, target, edge, cond, False),
+                                        self.discriminate(ctx.trained, prediction, edge, cond, False))
+        return PhaseOutput(loss, {"loss_disc": loss.detach()})
 
     def recipe(self) -> Recipe:
         c = self.config
-        return Recipe(
-            method="tscd", base_model=str(c.pretrained_model_name_or_path),
-            adapter="lora" if c.use_lora else "full_unet", scheduler="DDIMScheduler",
+        return self.student_recipe(
+            scheduler="DDIMScheduler",
             scheduler_kwargs={"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False},
             num_inference_steps=c.num_inference_steps, guidance_scale=1.0, eta=0.0,
             extra={"trained_segments": list(c.segments),
