@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .recipe import LORA_WEIGHTS_NAME
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
-# LCM-LoRA's targets: attention projections, the transformer's in/out projections and feed-forward, and every
-# ResNet / resampling convolution and time-embedding projection (methods.md §1).
+# LCM-LoRA's targets (Luo et al. 2023, arXiv:2311.05556): attention projections, the transformer's in/out
+# projections and feed-forward, and every ResNet / resampling convolution and time-embedding projection: the
+# default ``lora_target_modules`` of Diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 ADAPTER_NAME = "default"

@@ -1,5 +1,6 @@
 """The output contract every method shares: ``stepdistill.json`` (the sampling recipe) beside the weights, and
-``load(pipe, output_dir)`` that applies any stepdistill output to a stock Diffusers pipeline."""
+``load(pipe, output_dir)`` that applies any stepdistill output to a stock Diffusers pipeline. What each adapter
+kind writes and how it loads lives in ``outputs.py``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StepdistillError
+from .lora import LORA_WEIGHTS_NAME  # noqa: F401  (re-exported)
+from .outputs import output_kind, pipeline_call_kwargs  # noqa: F401  (pipeline_call_kwargs: re-exported)
 
 RECIPE_NAME = "stepdistill.json"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-ADAPTERS = ("lora", "full_unet", "agd", "msd")
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Recipe:
 
     method: str
     base_model: str
-    adapter: str  # one of ADAPTERS
+    adapter: str  # a registered output kind (stepdistill.outputs), e.g. "lora", "full_unet"
     scheduler: str  # a Diffusers scheduler class name
     scheduler_kwargs: dict = field(default_factory=dict)
     num_inference_steps: int = 4
@@ -47,13 +48,15 @@ class Recipe:
             recipe = cls(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise StepdistillError(f"{path}: not a valid stepdistill recipe ({e})") from e
-        if recipe.adapter not in ADAPTERS:
-            raise StepdistillError(f"{path}: unknown adapter {recipe.adapter!r}; expected one of {ADAPTERS}")
+        try:
+            output_kind(recipe.adapter)
+        except StepdistillError as e:
+            raise StepdistillError(f"{path}: {e}") from None
         return recipe
 
     def call_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``pipe(prompt, **recipe.call_kwargs())``."""
-        return pipeline_call_kwargs(self.guidance_scale, self.num_inference_steps, self.timesteps, self.eta)
+        """Arguments for ``pipe(prompt, **recipe.call_kwargs())``, as the recipe's output kind calls it."""
+        return output_kind(self.adapter).call_kwargs(self)
 
     def make_scheduler(self, base_config):
         import diffusers
@@ -64,20 +67,6 @@ class Recipe:
         return cls.from_config(base_config, **self.scheduler_kwargs)
 
 
-def pipeline_call_kwargs(guidance_scale: float, num_inference_steps: int | None, timesteps: list[int] | None,
-                         eta: float | None) -> dict[str, Any]:
-    """Pipeline call arguments for a sampling setting: explicit timesteps win over a step count; eta only when
-    set (pipelines default it to 0)."""
-    kwargs: dict[str, Any] = {"guidance_scale": guidance_scale}
-    if timesteps:
-        kwargs["timesteps"] = list(timesteps)
-    else:
-        kwargs["num_inference_steps"] = num_inference_steps
-    if eta is not None:
-        kwargs["eta"] = eta
-    return kwargs
-
-
 def load(pipe, output_dir: str | Path, adapter_name: str = "stepdistill"):
     """Apply a stepdistill output (weights + the recipe's scheduler) to ``pipe`` and return it.
 
@@ -85,18 +74,6 @@ def load(pipe, output_dir: str | Path, adapter_name: str = "stepdistill"):
     """
     output_dir = Path(output_dir)
     recipe = Recipe.load(output_dir)
-    if recipe.adapter == "lora":
-        if not (output_dir / LORA_WEIGHTS_NAME).is_file():
-            raise StepdistillError(f"{output_dir}: recipe says LoRA but {LORA_WEIGHTS_NAME} is missing")
-        pipe.load_lora_weights(output_dir, adapter_name=adapter_name)
-    elif recipe.adapter == "full_unet":
-        from diffusers import UNet2DConditionModel
-
-        if not (output_dir / "unet").is_dir():
-            raise StepdistillError(f"{output_dir}: recipe says full UNet but unet/ is missing")
-        pipe.unet = UNet2DConditionModel.from_pretrained(output_dir / "unet", torch_dtype=pipe.unet.dtype).to(
-            pipe.unet.device)
-    else:
-        raise StepdistillError(f"{output_dir}: adapter {recipe.adapter!r} is not loadable by this version yet")
+    pipe = output_kind(recipe.adapter).load(pipe, output_dir, recipe, adapter_name)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     return pipe

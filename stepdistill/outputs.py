@@ -1,0 +1,168 @@
+"""The output contract, one entry per adapter kind: how a student's weights are written, how they are applied to a
+stock pipeline, what the model card tells a user to type, and how the pipeline is called.
+
+``stepdistill.load``, the model card, :func:`save_output` and the evaluation look the kind up here
+(``output_kind(recipe.adapter)``), so no shared code branches on the adapter. A new kind (AGD's adapters, MSD's
+students) is one :class:`OutputKind` subclass and one :func:`register_output` call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import StepdistillError
+from .lora import LORA_WEIGHTS_NAME, save_lora
+
+if TYPE_CHECKING:  # recipe.py imports this module
+    from .recipe import Recipe
+
+UNET_DIR = "unet"
+
+
+def pipeline_call_kwargs(guidance_scale: float, num_inference_steps: int | None, timesteps: list[int] | None,
+                         eta: float | None) -> dict[str, Any]:
+    """Pipeline call arguments for a sampling setting: explicit timesteps win over a step count; eta only when
+    set (pipelines default it to 0)."""
+    kwargs: dict[str, Any] = {"guidance_scale": guidance_scale}
+    if timesteps:
+        kwargs["timesteps"] = list(timesteps)
+    else:
+        kwargs["num_inference_steps"] = num_inference_steps
+    if eta is not None:
+        kwargs["eta"] = eta
+    return kwargs
+
+
+class OutputKind:
+    """What one adapter kind (``Recipe.adapter``) means for the files of an output and for sampling it."""
+
+    name: str
+
+    def save(self, student, output_dir: Path, pipeline_class) -> None:
+        """Write the weights of ``student`` (the UNet that samples) into ``output_dir``; nothing else."""
+        raise NotImplementedError
+
+    def load(self, pipe, output_dir: Path, recipe: "Recipe", adapter_name: str):
+        """Apply the weights in ``output_dir`` to ``pipe`` and return it (the scheduler is the caller's)."""
+        raise NotImplementedError
+
+    def card_load_lines(self, recipe: "Recipe") -> str:
+        """The model card's line(s) that apply the weights to ``pipe`` from ``student_dir``, the stock way."""
+        raise NotImplementedError
+
+    def call_kwargs(self, recipe: "Recipe") -> dict[str, Any]:
+        """Arguments for ``pipe(prompt, **kwargs)``."""
+        return pipeline_call_kwargs(recipe.guidance_scale, recipe.num_inference_steps, recipe.timesteps, recipe.eta)
+
+    def unet_evals_per_step(self, recipe: "Recipe") -> int:
+        """UNet evaluations per image and sampling step before classifier-free guidance (a pipeline that runs CFG,
+        guidance_scale > 1 without a guidance embedding, doubles it)."""
+        return 1
+
+    @staticmethod
+    def _require(output_dir: Path, name: str, what: str) -> None:
+        if not (Path(output_dir) / name).exists():
+            raise StepdistillError(f"{output_dir}: recipe says {what} but {name} is missing")
+
+
+class LoraOutput(OutputKind):
+    """A LoRA on the base UNet in Diffusers' format: ``pipe.load_lora_weights(dir)``."""
+
+    name = "lora"
+
+    def save(self, student, output_dir, pipeline_class):
+        save_lora(student, output_dir, pipeline_class)
+
+    def load(self, pipe, output_dir, recipe, adapter_name):
+        self._require(output_dir, LORA_WEIGHTS_NAME, "LoRA")
+        pipe.load_lora_weights(output_dir, adapter_name=adapter_name)
+        return pipe
+
+    def card_load_lines(self, recipe):
+        return "pipe.load_lora_weights(student_dir)"
+
+
+class FullUNetOutput(OutputKind):
+    """A whole UNet (``unet/``, safetensors) that replaces the pipeline's."""
+
+    name = "full_unet"
+
+    def save(self, student, output_dir, pipeline_class):
+        student.save_pretrained(Path(output_dir) / UNET_DIR, safe_serialization=True)
+
+    def load(self, pipe, output_dir, recipe, adapter_name):
+        from diffusers import UNet2DConditionModel
+
+        self._require(output_dir, f"{UNET_DIR}/", "full UNet")
+        unet = UNet2DConditionModel.from_pretrained(Path(output_dir) / UNET_DIR, torch_dtype=pipe.unet.dtype)
+        pipe.unet = unet.to(pipe.unet.device)
+        return pipe
+
+    def card_load_lines(self, recipe):
+        return f"pipe.unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder='{UNET_DIR}')"
+
+
+_KINDS: dict[str, OutputKind] = {}
+
+
+def register_output(kind: OutputKind) -> None:
+    """Make ``kind`` the meaning of ``Recipe.adapter == kind.name`` (a later registration replaces an earlier)."""
+    _KINDS[kind.name] = kind
+
+
+def known_kinds() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+def output_kind(name: str) -> OutputKind:
+    """The registered kind called ``name`` (an error naming the known kinds otherwise)."""
+    try:
+        return _KINDS[name]
+    except (KeyError, TypeError):
+        raise StepdistillError(f"unknown adapter {name!r}; expected one of {', '.join(_KINDS)}") from None
+
+
+for _kind in (LoraOutput(), FullUNetOutput()):
+    register_output(_kind)
+
+
+def save_output(student, output_dir: str | Path, recipe: "Recipe", pipeline_class) -> None:
+    """A complete output: the weights (as the recipe's adapter kind writes them), ``stepdistill.json`` and the
+    model card ``README.md``. ``pipeline_class`` is the base pipeline's class (it writes LoRA files)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    output_kind(recipe.adapter).save(student, output_dir, pipeline_class)
+    recipe.save(output_dir)
+    (output_dir / "README.md").write_text(model_card(recipe, pipeline_class.__name__))
+
+
+def model_card(recipe: "Recipe", pipeline_class_name: str) -> str:
+    """The output's ``README.md``: the recipe in words and the stock Diffusers code that samples it."""
+    kind = output_kind(recipe.adapter)
+    call = ", ".join(f"{k}={v!r}" for k, v in kind.call_kwargs(recipe).items())
+    kwargs = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_kwargs.items())
+    return f"""---
+library_name: diffusers
+base_model: {recipe.base_model}
+tags: [stepdistill, {recipe.method}, text-to-image]
+---
+# {recipe.method} student of `{recipe.base_model}`
+
+Trained with stepdistill ({recipe.method}). Sampling recipe
+(`stepdistill.json`): {recipe.scheduler}, {recipe.num_inference_steps} steps, timesteps {recipe.timesteps},
+guidance scale {recipe.guidance_scale}.
+
+```python
+import torch
+from diffusers import {pipeline_class_name}, {recipe.scheduler}, UNet2DConditionModel
+
+student_dir = "path/to/this/folder"
+pipe = {pipeline_class_name}.from_pretrained("{recipe.base_model}")
+{kind.card_load_lines(recipe)}
+pipe.scheduler = {recipe.scheduler}.from_config(pipe.scheduler.config{kwargs})
+image = pipe("a prompt", {call}).images[0]
+```
+
+or, with stepdistill installed: `pipe = stepdistill.load(pipe, student_dir)`.
+"""
