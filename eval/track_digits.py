@@ -22,14 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from stepdistill.config import parse_config  # noqa: E402
-from stepdistill.methods.dmd2 import DMD2  # noqa: E402
-from stepdistill.methods.lcm import LCM  # noqa: E402
-from stepdistill.methods.sid import SiD  # noqa: E402
-from stepdistill.methods.tscd import TSCD  # noqa: E402
+from stepdistill.errors import StepdistillError  # noqa: E402
+from stepdistill.methods import METHODS, get_method  # noqa: E402
 from stepdistill.toy.evaluate import DigitsJudge, score_pipeline  # noqa: E402
 from stepdistill.trainer import Trainer  # noqa: E402
-
-METHODS = {"lcm": LCM, "tscd": TSCD, "dmd2": DMD2, "sid": SiD}
 
 
 class TrackingTrainer(Trainer):
@@ -56,15 +52,21 @@ class TrackingTrainer(Trainer):
         return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", choices=sorted(METHODS))
     parser.add_argument("--teacher_fid", type=float, default=None, help="the teacher's digits-FID, for the ratio")
     args, rest = parser.parse_known_args(argv)
-    method = METHODS[args.method]
+    method = get_method(args.method)
     TrackingTrainer.teacher_fid = args.teacher_fid
-    TrackingTrainer(parse_config(method.config_class, rest, prog=f"track_digits.py {args.method}"), method).train()
+    try:
+        config = parse_config(method.config_class, rest, prog=f"track_digits.py {args.method}")
+        TrackingTrainer(config, method).train()
+    except StepdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

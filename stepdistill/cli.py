@@ -1,4 +1,5 @@
-"""The ``stepdistill`` command. Subcommands: ``toy build|export-data|quality``, ``eval``, ``ref-stats``, ``demo``."""
+"""The ``stepdistill`` command. Subcommands: ``train METHOD``, ``toy build|export-data|quality``, ``eval``,
+``ref-stats``, ``demo``."""
 
 from __future__ import annotations
 
@@ -80,11 +81,33 @@ def _require_world(path: str) -> None:
         raise StepdistillError(f"{path} has no digits_classifier.safetensors; it is not a tiny-digits world")
 
 
+TRAIN_USAGE = "stepdistill train METHOD [--config FILE.yaml] [options]"
+
+
+def train_command(argv: list[str]) -> int:
+    """``stepdistill train METHOD [options]``: ``train_scripts/train_<METHOD>.py`` with the same options, errors
+    (one line, exit status 2) and output."""
+    from .api import main as train_main
+    from .methods import METHODS
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: {TRAIN_USAGE}\n\nTrain a distillation method; METHOD is one of {', '.join(METHODS)}.\n"
+              "`stepdistill train METHOD --help` lists that method's options.")
+        return 0
+    if not argv or argv[0].startswith("-"):
+        print(f"error: name a method first: {TRAIN_USAGE}, METHOD one of {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    return train_main(argv[0], argv[1:], prog=f"stepdistill train {argv[0]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toy import WORLD_DIR
 
     parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # listed here for --help; main() hands `train ...` to train_command before this parser sees it
+    sub.add_parser("train", add_help=False, usage=TRAIN_USAGE,
+                   help="train a distillation method (`stepdistill train METHOD --help` lists its options)")
 
     toy = sub.add_parser("toy", help="the embedded tiny-digits world").add_subparsers(dest="toy_command",
                                                                                       required=True)
@@ -124,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the method's own parser takes the rest (and its --help)
+        return train_command(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -4,7 +4,10 @@ wins). Every field carries its help text; unknown keys are errors that name the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,7 +71,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint directory")
     report_to: str | None = option(None, "tensorboard | wandb", choices=(None, "tensorboard", "wandb"))
     validation_steps: int = option(0, "write a sample grid every N iterations (0: only at the end)")
-    validation_prompts: list = option([], "prompts of the validation grid (default: the first 8 training captions)")
+    validation_prompts: list[str] = option([], "prompts of the validation grid, e.g. 'a cat|a dog' (default: the "
+                                               "first 8 training captions)")
     dataloader_num_workers: int = option(0, "worker processes that load images")
 
 
@@ -78,8 +82,9 @@ def _field_type(f: dataclasses.Field, owner) -> Any:
 
 
 def _scalar_parser(tp):
+    """The converter of one option's value (a command-line string or a YAML value) for its annotation."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _scalar_parser(args[0])
     if tp is bool:
@@ -87,7 +92,8 @@ def _scalar_parser(tp):
     if tp in (int, float, str):
         return tp
     if tp is list or origin is list:
-        return _parse_list
+        element = (typing.get_args(tp) or (None,))[0]
+        return ListOf(_ELEMENT_PARSERS[element]) if element in _ELEMENT_PARSERS else _parse_list
     return str
 
 
@@ -102,22 +108,82 @@ def _parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _parse_list(value: str | list) -> list:
-    if isinstance(value, list):
-        return value
+def _split(value: str) -> list[str]:
+    """``8,4,2`` or, for items that hold commas, ``a, b|c``: "|" separates when present."""
     return [v.strip() for v in value.split("|" if "|" in value else ",") if v.strip()]
 
 
+def _parse_list(value: str | list) -> list:
+    """A list option without an element type: YAML lists as they are, command-line strings split."""
+    if isinstance(value, list):
+        return value
+    return _split(value)
+
+
+def _to_number(value, kind: type, noun: str):
+    """``value`` (a number or its text) as ``kind``: int or float. Booleans, fractions for int and anything else
+    are errors naming the value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is float or isinstance(value, int) or value.is_integer():
+            return kind(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return kind(value.strip())
+    raise ValueError(f"{value!r} is not {noun}")
+
+
+def _to_str(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{value!r} is not a string")
+
+
+_ELEMENT_PARSERS = {int: functools.partial(_to_number, kind=int, noun="an integer"),
+                    float: functools.partial(_to_number, kind=float, noun="a number"), str: _to_str}
+
+
+class ListOf:
+    """A typed list option (``list[int]``, ``list[float]``, ``list[str]``): a YAML list or a command-line string
+    (``8,4,2``; ``a, b|c`` when items hold commas), each item converted; a bad item is a ValueError naming it."""
+
+    def __init__(self, element):
+        self.element = element
+
+    def __call__(self, value) -> list:
+        if isinstance(value, str):
+            value = _split(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [self.element(v) for v in value]
+
+
+class _ListAction(argparse.Action):
+    """Converts a typed list option; a bad item is one line naming the option, its value and the item."""
+
+    def __init__(self, option_strings, dest, parse=None, **kwargs):
+        self.parse = parse
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, self.parse(values))
+        except ValueError as e:
+            raise StepdistillError(f"{option_string} {values}: {e}") from None
+
+
 class _OneLineErrors(argparse.ArgumentParser):
-    """Bad command lines end in one line naming the argument (and --help), not a usage dump."""
+    """Bad command lines are one StepdistillError line naming the argument (and --help), not a usage dump: the
+    entry points print it as ``error: ...`` and exit 2; the Python API raises it."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+        raise StepdistillError(f"{message} (see --help)")
 
 
 def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog=prog, description=(config_class.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
     for f in fields(config_class):
         tp = _field_type(f, config_class)
@@ -125,6 +191,8 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
         parse = _scalar_parser(tp)
         if parse is _parse_bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        elif isinstance(parse, ListOf):
+            kwargs.update(action=_ListAction, parse=parse)
         else:
             kwargs["type"] = parse
         if f.metadata.get("choices"):
@@ -133,8 +201,33 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def options_to_argv(options: dict[str, Any]) -> list[str]:
+    """Python values as the command line that sets them, so the Python API goes through the very parsing and
+    checks of the command line: booleans as true/false, lists joined with "," (with "|" when an item holds a
+    comma), paths and numbers as text. ``None`` leaves an option to the YAML file or its default."""
+    argv: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            items = [str(v) for v in value]
+            if any("|" in item for item in items):
+                raise StepdistillError(f"--{key}: an item holds '|', which separates the items of a list")
+            if any("," in item for item in items):
+                text = "|".join(items) + ("|" if len(items) == 1 else "")
+            else:
+                text = ",".join(items)
+        else:
+            text = str(value)
+        argv += [f"--{key}", text]
+    return argv
+
+
 def parse_config(config_class, argv: list[str] | None = None, prog: str | None = None):
-    """YAML (``--config``) then command line into ``config_class``. Errors name the offending key or value."""
+    """YAML (``--config``) then command line into ``config_class``. Errors are StepdistillErrors naming the
+    offending key or value."""
     import yaml
 
     parser = build_parser(config_class, prog)
@@ -151,7 +244,7 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
         names = {f.name: f for f in fields(config_class)}
         for key, value in loaded.items():
             if key not in names:
-                close = [n for n in names if n.startswith(key[:4])][:3]
+                close = [n for n in names if n.startswith(str(key)[:4])][:3]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise StepdistillError(f"{config_path}: unknown option {key!r} for {config_class.__name__}{hint}")
             parse = _scalar_parser(_field_type(names[key], config_class))

@@ -15,20 +15,13 @@ DEMO_METHOD = "lcm"
 DEMO_CONFIG = REPO / "train_scripts" / "configs" / "tiny_digits" / "lcm_lora.yaml"
 
 
-def _method(name: str):
-    from .methods.lcm import LCM
-    from .methods.tscd import TSCD
-
-    return {"lcm": LCM, "tscd": TSCD}[name]
-
-
 def run_demo(output_dir: str | Path, model: str, num_images: int = 1000, method: str = DEMO_METHOD,
              config_file: str | Path = DEMO_CONFIG) -> Path:
-    from .config import parse_config
+    from .api import train_from_argv
+    from .methods import get_method
     from .recipe import RECIPE_NAME
     from .sampling import save_grid
     from .toy.evaluate import DigitsJudge, format_table, quality_table, student_table, teacher_grid_row
-    from .trainer import Trainer
 
     output_dir = Path(output_dir)
     try:
@@ -36,14 +29,12 @@ def run_demo(output_dir: str | Path, model: str, num_images: int = 1000, method:
     except OSError as e:
         raise StepdistillError(f"{output_dir}: cannot create the demo output directory ({e.strerror})") from e
     student_dir = output_dir / "student"
-    method_cls = _method(method)
+    get_method(method)  # an unknown name fails before anything runs
     train_seconds = None
     if not (student_dir / RECIPE_NAME).is_file():  # a finished student is reused; an interrupted one resumes
-        config = parse_config(method_cls.config_class, ["--config", str(config_file), "--output_dir",
-                                                        str(student_dir), "--pretrained_model_name_or_path", model,
-                                                        "--resume_from_checkpoint", "latest"])
         start = time.time()
-        Trainer(config, method_cls).train()
+        train_from_argv(method, ["--config", str(config_file), "--output_dir", str(student_dir),
+                                 "--pretrained_model_name_or_path", model, "--resume_from_checkpoint", "latest"])
         train_seconds = time.time() - start
 
     judge = DigitsJudge.from_world(model)

@@ -66,3 +66,25 @@ def train_args(model, data_dir, output_dir, **overrides) -> list[str]:
             continue
         out += [f"--{k}", ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
     return out
+
+
+def read_logs(output_dir) -> list[dict]:
+    """A run's ``logs.jsonl``: one dict per logged step."""
+    import json
+
+    return [json.loads(line) for line in (Path(output_dir) / "logs.jsonl").read_text().splitlines() if line.strip()]
+
+
+def lora_before_after(pipeline_class, base, output_dir, prompt: str = "a digit", **call):
+    """A stock pipeline's images (seed 0, the recipe's scheduler and call arguments, ``output_type="pt"``) before
+    and after loading the output's LoRA the stock way (``pipe.load_lora_weights``)."""
+    from stepdistill.recipe import Recipe
+
+    recipe = Recipe.load(output_dir)
+    pipe = pipeline_class.from_pretrained(base)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    kwargs = dict(recipe.call_kwargs(), output_type="pt", **call)
+    before = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(output_dir)
+    after = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
+    return before, after

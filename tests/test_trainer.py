@@ -1,7 +1,6 @@
 """The shared trainer through the consistency methods: outputs a stock pipeline loads, resume, distributed runs,
 and bad input caught before training."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -10,43 +9,38 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, train_args
+from conftest import REPO, lora_before_after, read_logs, train_args
 from safetensors.torch import load_file
 
 import stepdistill
-from stepdistill.methods.lcm import LCM
-from stepdistill.methods.tscd import TSCD
+from stepdistill.api import main as run  # what train_scripts/train_<method>.py and `stepdistill train` run
+from stepdistill.methods import get_method
 from stepdistill.recipe import LORA_WEIGHTS_NAME, Recipe
-from stepdistill.trainer import run
 
 
 def _lora(output_dir):
     return load_file(Path(output_dir) / LORA_WEIGHTS_NAME)
 
 
-@pytest.mark.parametrize("method", [LCM, TSCD])
+@pytest.mark.parametrize("method", ["lcm", "tscd"])
 def test_lora_loads_into_stock_pipeline_and_changes_output(method, tiny_sd_path, digits_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    extra = {"segments": "2,1"} if method is TSCD else {}
+    extra = {"segments": "2,1"} if method == "tscd" else {}
     assert run(method, train_args(tiny_sd_path, digits_dir, out, learning_rate=1e-2, **extra)) == 0
     recipe = Recipe.load(out)
     assert recipe.adapter == "lora" and recipe.method in ("lcm_lora", "tscd")
     assert (out / "README.md").is_file() and (out / "loss_curve.png").is_file()
     assert list((out / "samples").glob("*.png"))
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    kwargs = dict(recipe.call_kwargs(), output_type="pt")
-    before = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)  # the stock way
-    after = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
+    before, after = lora_before_after(StableDiffusionPipeline, tiny_sd_path, out)  # the stock way
     assert (after - before).abs().max() > 1e-3
     # stepdistill.load applies the same weights and the recipe's scheduler
     pipe2 = stepdistill.load(StableDiffusionPipeline.from_pretrained(tiny_sd_path), out)
     assert type(pipe2.scheduler).__name__ == recipe.scheduler
-    again = pipe2("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
+    again = pipe2("a digit", generator=torch.Generator().manual_seed(0), output_type="pt",
+                  **recipe.call_kwargs()).images
     assert torch.allclose(after, again, atol=1e-5)
 
 
@@ -55,7 +49,7 @@ def test_lora_keeps_rank_and_alpha(tiny_sd_path, digits_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, max_train_steps=1, lora_rank=4, lora_alpha=2)) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=1, lora_rank=4, lora_alpha=2)) == 0
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     pipe.load_lora_weights(out, adapter_name="x")
     config = pipe.unet.peft_config["x"]
@@ -66,7 +60,7 @@ def test_full_lcm_writes_a_guidance_conditioned_unet(tiny_sd_path, digits_dir, t
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "full"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, use_lora="false", max_train_steps=2,
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, use_lora="false", max_train_steps=2,
                                learning_rate=1e-3, inference_guidance_scale=3.0)) == 0
     recipe = Recipe.load(out)
     assert recipe.adapter == "full_unet"
@@ -79,24 +73,24 @@ def test_full_lcm_writes_a_guidance_conditioned_unet(tiny_sd_path, digits_dir, t
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_sd_path, digits_dir, tmp_path):
     common = dict(max_train_steps=6, learning_rate=1e-3, checkpointing_steps=3, checkpoints_total_limit=5)
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, tmp_path / "straight", **common)) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, tmp_path / "straight", **common)) == 0
     # the interrupted run: stop after the step-3 checkpoint, then resume from it
     partial = tmp_path / "resumed"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, partial, **{**common, "max_train_steps": 3})) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, partial, **{**common, "max_train_steps": 3})) == 0
     for leftover in ("pytorch_lora_weights.safetensors", "stepdistill.json"):
         (partial / leftover).unlink()
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, partial, resume_from_checkpoint="latest", **common)) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, partial, resume_from_checkpoint="latest", **common)) == 0
     a, b = _lora(tmp_path / "straight"), _lora(partial)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-7), k
-    logs = [json.loads(line) for line in (partial / "logs.jsonl").read_text().splitlines()]
+    logs = read_logs(partial)
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoints_are_pruned_and_no_temporaries_left(tiny_sd_path, digits_dir, tmp_path):
     out = tmp_path / "run"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, max_train_steps=4, checkpointing_steps=1,
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=4, checkpointing_steps=1,
                                checkpoints_total_limit=2)) == 0
     names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
     assert names == ["checkpoint-3", "checkpoint-4"]
@@ -108,7 +102,7 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tiny_sd_path, digits
     import stepdistill.checkpoint as ck
 
     out = tmp_path / "run"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, max_train_steps=2, checkpointing_steps=1)) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=2, checkpointing_steps=1)) == 0
     real_save = ck.save_file
 
     def dying_save(tensors, path, *a, **k):
@@ -118,7 +112,7 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tiny_sd_path, digits
 
     monkeypatch.setattr(ck, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        run(LCM, train_args(tiny_sd_path, digits_dir, out, max_train_steps=3, checkpointing_steps=1,
+        run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=3, checkpointing_steps=1,
                             resume_from_checkpoint="latest"))
     monkeypatch.setattr(ck, "save_file", real_save)
     assert [p.name for p in ck.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
@@ -127,11 +121,9 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tiny_sd_path, digits
 
 def test_config_file_and_command_line(tiny_sd_path, digits_dir, tmp_path):
     from stepdistill.config import parse_config
-    from stepdistill.methods.tscd import TSCDConfig
-
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"pretrained_model_name_or_path: {tiny_sd_path}\nsegments: [4, 2]\nlearning_rate: 0.5\n")
-    config = parse_config(TSCDConfig, ["--config", str(cfg), "--learning_rate", "0.25"])
+    config = parse_config(get_method("tscd").config_class, ["--config", str(cfg), "--learning_rate", "0.25"])
     assert config.segments == [4, 2] and config.learning_rate == 0.25  # command line wins
 
 
@@ -147,22 +139,20 @@ def test_bad_input_is_one_line_before_training(argv_extra, yaml_text, message, t
     if yaml_text:
         (tmp_path / "c.yaml").write_text(yaml_text)
         argv += ["--config", str(tmp_path / "c.yaml")]
-    assert run(TSCD, argv) == 2
+    assert run("tscd", argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out" / "logs.jsonl").exists()
 
 
 def test_unknown_argument(tiny_sd_path, digits_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run(LCM, train_args(tiny_sd_path, digits_dir, tmp_path / "o") + ["--learnin_rate", "1"])
-    assert e.value.code == 2
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, tmp_path / "o") + ["--learnin_rate", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unrecognized arguments: --learnin_rate" in err[0], err
 
 
 def test_missing_caption_column(tiny_sd_path, digits_dir, tmp_path, capsys):
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, tmp_path / "o", caption_column="prompt")) == 2
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, tmp_path / "o", caption_column="prompt")) == 2
     err = capsys.readouterr().err
     assert "no 'prompt' field" in err and "--caption_column" in err
 
@@ -171,18 +161,18 @@ def test_unreadable_images_are_skipped_or_refused(tiny_sd_path, digits_dir, tmp_
     data = tmp_path / "data"
     shutil.copytree(digits_dir, data)
     (data / "0001.png").write_bytes(b"not an image")
-    assert run(LCM, train_args(tiny_sd_path, data, tmp_path / "a", max_train_steps=1)) == 0
+    assert run("lcm", train_args(tiny_sd_path, data, tmp_path / "a", max_train_steps=1)) == 0
     assert any("0001.png" in r.getMessage() for r in caplog.records)
     for i in range(2, 6):
         (data / f"{i:04d}.png").write_bytes(b"broken")
-    assert run(LCM, train_args(tiny_sd_path, data, tmp_path / "b", max_bad_images=3)) == 2
+    assert run("lcm", train_args(tiny_sd_path, data, tmp_path / "b", max_bad_images=3)) == 2
     assert "more than 3 unreadable images" in capsys.readouterr().err
 
 
 def test_resume_from_another_methods_run(tiny_sd_path, digits_dir, tmp_path, capsys):
     out = tmp_path / "lcm"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, max_train_steps=1)) == 0
-    assert run(TSCD, train_args(tiny_sd_path, digits_dir, tmp_path / "t",
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=1)) == 0
+    assert run("tscd", train_args(tiny_sd_path, digits_dir, tmp_path / "t",
                                 resume_from_checkpoint=out / "checkpoint-1")) == 2
     assert "written by method 'lcm', not 'tscd'" in capsys.readouterr().err
 
@@ -191,32 +181,26 @@ def test_resume_from_another_methods_run(tiny_sd_path, digits_dir, tmp_path, cap
 def test_unwritable_output_dir(tiny_sd_path, digits_dir, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, locked / "out")) == 2
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, locked / "out")) == 2
     assert "is not writable" in capsys.readouterr().err
 
 
 def test_output_dir_that_is_a_file(tiny_sd_path, digits_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, blocker / "out")) == 2
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, blocker / "out")) == 2
     assert "is not writable" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [LCM, TSCD])
+@pytest.mark.parametrize("method", ["lcm", "tscd"])
 def test_sdxl_lora_loads_into_stock_pipeline(method, tiny_sdxl_path, digits_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "xl"
-    extra = {"segments": "2,1"} if method is TSCD else {}
+    extra = {"segments": "2,1"} if method == "tscd" else {}
     assert run(method, train_args(tiny_sdxl_path, digits_dir, out, max_train_steps=2, learning_rate=1e-2,
                                   **extra)) == 0
-    recipe = Recipe.load(out)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    kwargs = dict(recipe.call_kwargs(), output_type="pt", height=16, width=16)
-    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    before, after = lora_before_after(StableDiffusionXLPipeline, tiny_sdxl_path, out, "a cat", height=16, width=16)
     assert (after - before).abs().max() > 1e-4
 
 
@@ -225,16 +209,16 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tiny_sd_path, di
     with twice the batch, and only the main process writes files."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     base = dict(max_train_steps=2, checkpointing_steps=1, learning_rate=1e-3)
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, single, train_batch_size=4, **base)) == 0
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, single, train_batch_size=4, **base)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(REPO / "train_scripts/train_lcm.py"), *train_args(tiny_sd_path, digits_dir, multi,
                                                                  train_batch_size=2, **base)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "MULTI_CPU" in proc.stderr or "num_processes" in proc.stderr or True
-    first = [json.loads(line) for line in (single / "logs.jsonl").read_text().splitlines()]
-    second = [json.loads(line) for line in (multi / "logs.jsonl").read_text().splitlines()]
+    # Accelerate ran MULTI_CPU (gloo) with both processes: stepdistill.api logs it on the main process
+    assert "distributed: MULTI_CPU, 2 processes" in proc.stderr, proc.stderr[-3000:]
+    first, second = read_logs(single), read_logs(multi)
     assert len(second) == 2  # one log line per step: rank 1 wrote nothing
     assert abs(first[0]["loss"] - second[0]["loss"]) <= 1e-5 * abs(first[0]["loss"]) + 1e-7
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -259,9 +243,9 @@ def test_hugging_face_dataset_source(tiny_sd_path, tmp_path, capsys):
     datasets.Dataset.from_dict({"img": [s[0] for s in samples], "caption": [s[1] for s in samples]},
                                features=features).save_to_disk(tmp_path / "hf")
     args = train_args(tiny_sd_path, None, tmp_path / "out", dataset_name=tmp_path / "hf", max_train_steps=2)
-    assert run(LCM, args + ["--image_column", "img", "--caption_column", "caption"]) == 0
+    assert run("lcm", args + ["--image_column", "img", "--caption_column", "caption"]) == 0
     assert Recipe.load(tmp_path / "out").method == "lcm_lora"
-    assert run(LCM, args + ["--image_column", "img"]) == 2  # the default caption column "text" is absent
+    assert run("lcm", args + ["--image_column", "img"]) == 2  # the default caption column "text" is absent
     assert "no column 'text'" in capsys.readouterr().err
 
 
@@ -279,23 +263,23 @@ def test_webdataset_shards_source(tiny_sd_path, tmp_path):
                 tar.addfile(info, io.BytesIO(payload))
     args = train_args(tiny_sd_path, None, tmp_path / "out", train_shards=tmp_path / "shard-00000.tar",
                       max_train_steps=2)
-    assert run(TSCD, args + ["--segments", "1"]) == 0
+    assert run("tscd", args + ["--segments", "1"]) == 0
     assert (tmp_path / "out" / LORA_WEIGHTS_NAME).is_file()
 
 
 def test_builtin_tiny_digits_source_and_cached_latents(tiny_sd_path, tmp_path):
     out = tmp_path / "out"
-    assert run(LCM, train_args(tiny_sd_path, "builtin:tiny-digits", out, cache_latents="true",
+    assert run("lcm", train_args(tiny_sd_path, "builtin:tiny-digits", out, cache_latents="true",
                                max_train_steps=2)) == 0
-    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    logs = read_logs(out)
     assert len(logs) == 2 and all(r["loss"] > 0 for r in logs)
 
 
 def test_bf16_gradient_checkpointing_and_accumulation(tiny_sd_path, digits_dir, tmp_path):
     out = tmp_path / "out"
-    assert run(LCM, train_args(tiny_sd_path, digits_dir, out, mixed_precision="bf16", gradient_checkpointing="true",
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, out, mixed_precision="bf16", gradient_checkpointing="true",
                                gradient_accumulation_steps=2, max_train_steps=2, learning_rate=1e-2)) == 0
-    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    logs = read_logs(out)
     assert [r["step"] for r in logs] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
     assert any(v.abs().max() > 0 for k, v in _lora(out).items() if "lora_B" in k)  # it trained
 
@@ -309,12 +293,13 @@ def test_tscd_adversarial_term_trains_a_head_on_the_frozen_teacher(tiny_sd_path,
     out = tmp_path / "adv"
     argv = train_args(tiny_sd_path, digits_dir, out, max_train_steps=4, segments="2,1", adversarial_weight=0.1,
                       adversarial_start_step=1, learning_rate=1e-3)
-    trainer = Trainer(parse_config(TSCD.config_class, argv), TSCD)
+    tscd = get_method("tscd")
+    trainer = Trainer(parse_config(tscd.config_class, argv), tscd)
     method = trainer.method
     head_before = {k: v.clone() for k, v in method.networks["discriminator"].state_dict().items()}
     assert method.phases(0) == ["student"] and method.phases(1) == ["student", "discriminator"]
     trainer.train()
-    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    logs = read_logs(out)
     assert "loss_disc" not in logs[0] and all("loss_disc" in r and "loss_adv" in r for r in logs[1:])
     head_after = method.networks["discriminator"].state_dict()
     assert any(not torch.equal(head_before[k], head_after[k]) for k in head_before)

@@ -1,0 +1,69 @@
+"""Training from Python and from the command line, through one path.
+
+    import stepdistill
+    out = stepdistill.train("dmd2", config="train_scripts/configs/tiny_digits/dmd2.yaml", output_dir="runs/dmd2",
+                            max_train_steps=500)
+
+``train`` turns its keyword options into the command line that sets them and parses it exactly as
+``train_scripts/train_<method>.py`` and ``stepdistill train METHOD`` do (YAML, then the options, then the method's
+checks), so a bad value raises the StepdistillError whose text those commands print after ``error:``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import StepdistillError
+
+logger = logging.getLogger("stepdistill")
+
+
+def _method_class(method):
+    from .methods import get_method
+
+    return get_method(method) if isinstance(method, str) else method
+
+
+def train_from_argv(method, argv: list[str] | None = None, prog: str | None = None) -> Path:
+    """Parse ``argv`` (``--config FILE`` and options) for ``method`` (a registered name or a method class), train,
+    write the output and return its directory. Bad input raises a one-line StepdistillError before any weights
+    load."""
+    from .config import parse_config
+    from .trainer import Trainer
+
+    method_cls = _method_class(method)
+    config = parse_config(method_cls.config_class, argv, prog=prog or f"train_{method_cls.name}.py")
+    trainer = Trainer(config, method_cls)
+    acc = trainer.accelerator
+    logger.info("distributed: %s, %d process%s", getattr(acc.distributed_type, "value", acc.distributed_type),
+                acc.num_processes, "" if acc.num_processes == 1 else "es")
+    return Path(trainer.train())
+
+
+def train(method: str, config: str | Path | None = None, output_dir: str | Path | None = None,
+          **options: Any) -> Path:
+    """Train ``method`` ("lcm", "tscd", "dmd2", "sid": ``stepdistill.methods.METHODS``) and return the output
+    directory (weights, ``stepdistill.json``, model card, logs).
+
+    ``config`` is a YAML file of options; ``options`` override it, by the command-line names
+    (``max_train_steps=2``, ``segments=[8, 4]``, ``use_lora=False``); ``None`` leaves an option to the file or its
+    default.
+    """
+    from .config import options_to_argv
+
+    argv = options_to_argv({"config": config, "output_dir": output_dir, **options})
+    return train_from_argv(method, argv)
+
+
+def main(method, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of ``train_scripts/train_<method>.py`` and ``stepdistill train METHOD``: parse, train, write.
+    Bad input is one line on stderr (``error: ...``) and exit status 2."""
+    try:
+        train_from_argv(method, argv, prog)
+    except StepdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
