@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checkpoint import resolve_checkpoint
 from .errors import StepdistillError
-from .teacher import _check_pipeline_folder, check_supported
+from .teacher import check_pipeline, pipeline_file
 
 
 def _check_output_dir(path: str) -> None:
@@ -27,10 +27,7 @@ def _check_output_dir(path: str) -> None:
 
 def preflight(config, method_cls) -> None:
     """Every check that needs no model weights, before anything expensive is loaded."""
-    model = str(config.pretrained_model_name_or_path)
-    class_name = _check_pipeline_folder(model)
-    if class_name is not None:
-        check_supported(class_name, model)
+    check_pipeline(str(config.pretrained_model_name_or_path), config.revision)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
@@ -41,13 +38,9 @@ def preflight(config, method_cls) -> None:
 
 
 def _component_config(model: str, subfolder: str, revision=None) -> dict:
-    """A component's config.json alone (no weights): from the folder, or the hub's small config file."""
-    local = Path(model) / subfolder / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    from diffusers import ConfigMixin
-
-    return ConfigMixin.load_config(model, subfolder=subfolder, revision=revision)
+    """A component's config.json alone (no weights): from the folder, or the hub's small config file (from the
+    local cache when HF_HUB_OFFLINE is set)."""
+    return json.loads(pipeline_file(model, f"{subfolder}/config.json", revision).read_text())
 
 
 def check_resolution(config) -> int:

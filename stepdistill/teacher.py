@@ -62,19 +62,88 @@ class Conditioning:
         return kwargs
 
 
-def _check_pipeline_folder(path: str) -> str | None:
-    """For a local folder, the pipeline class its model_index.json names; None for a hub id."""
-    local = Path(path)
-    if not local.exists():
-        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if check else constants.HF_HUB_OFFLINE)
+
+
+def _is_local(path: str) -> bool:
+    """A folder, or something meant as one (a hub id is ``name`` or ``org/name``)."""
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One small file of a hub repository (``model_index.json``, ``vae/config.json``): from the local cache when
+    ``HF_HUB_OFFLINE`` is set, else from the cache or the hub. Every failure is one StepdistillError line."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=_offline()))
+    except LocalEntryNotFoundError:
+        if _offline():
+            raise StepdistillError(
+                f"{repo_id}: no such folder, and not in the local hub cache{at} (HF_HUB_OFFLINE is set); download it "
+                f"with `hf download {repo_id}` (huggingface-cli download on older huggingface_hub) or unset "
+                "HF_HUB_OFFLINE, or pass a pipeline folder") from None
+        raise StepdistillError(f"{repo_id}: no such folder, and the hub cannot be reached to download it; pass a "
+                               "pipeline folder, or download it where the hub is reachable") from None
+    except GatedRepoError:
+        raise StepdistillError(f"{repo_id} is gated: accept its terms on the hub and log in (`hf auth login`)") \
+            from None
+    except RepositoryNotFoundError:
+        raise StepdistillError(f"{repo_id}: no such folder, and no such model on the hub (or it is private: log in "
+                               "with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise StepdistillError(f"--revision {revision}: {repo_id} has no such revision") from None
+    except EntryNotFoundError:
+        raise StepdistillError(f"{repo_id}{at} has no {filename}; is it a Diffusers pipeline?") from None
+    except HFValidationError as e:
+        raise StepdistillError(f"{repo_id}: no such folder, and not a valid hub id ({e})") from None
+    except OSError as e:  # network trouble
+        raise StepdistillError(f"{repo_id}: cannot fetch {filename} from the hub ({str(e).strip().splitlines()[0]})") \
+            from None
+
+
+def pipeline_file(path_or_id: str, filename: str, revision: str | None = None) -> Path:
+    """A file of a pipeline, from its folder or (a hub id) from the hub cache / the hub; one-line errors."""
+    if _is_local(path_or_id):
+        local = Path(path_or_id) / filename
+        if not local.is_file():
+            raise StepdistillError(f"{path_or_id} has no {filename}: not a complete Diffusers pipeline folder")
+        return local
+    return hub_file(path_or_id, filename, revision)
+
+
+def pipeline_class_name(path_or_id: str, revision: str | None = None) -> str | None:
+    """The pipeline class named by the model_index.json of a folder or a hub id (cached, when offline); one-line
+    errors for a missing folder, an uncached or unknown hub id, or a folder that is no pipeline."""
+    path = str(path_or_id)
+    if _is_local(path):
+        local = Path(path)
+        if not local.exists():
             raise StepdistillError(f"{path}: no such directory; pass a Diffusers pipeline folder or a hub id")
-        return None
-    index = local / "model_index.json"
-    if not index.is_file():
-        raise StepdistillError(
-            f"{path} is not a Diffusers pipeline (no model_index.json); pass a folder written by "
-            "pipeline.save_pretrained() or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-    return json.loads(index.read_text()).get("_class_name")
+        if not (local / "model_index.json").is_file():
+            raise StepdistillError(
+                f"{path} is not a Diffusers pipeline (no model_index.json); pass a folder written by "
+                "pipeline.save_pretrained() or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    return json.loads(pipeline_file(path, "model_index.json", revision).read_text()).get("_class_name")
+
+
+def check_pipeline(path_or_id: str, revision: str | None = None) -> str:
+    """Everything about a base pipeline that can be checked without loading weights; returns its kind (sd, sdxl)."""
+    return check_supported(pipeline_class_name(path_or_id, revision), str(path_or_id))
+
+
+def _check_pipeline_folder(path: str, revision: str | None = None) -> str | None:
+    """For a local folder, the pipeline class its model_index.json names; None for a hub id, once its
+    model_index.json is known to be reachable (in the cache when offline). Prefer :func:`check_pipeline`."""
+    class_name = pipeline_class_name(path, revision)
+    return class_name if _is_local(str(path)) else None
 
 
 def check_supported(class_name: str | None, source: str) -> str:
@@ -111,10 +180,12 @@ class Teacher:
     def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
         from diffusers import DiffusionPipeline
 
-        class_name = _check_pipeline_folder(str(path_or_id))
-        if class_name is not None:
-            check_supported(class_name, str(path_or_id))
-        pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs)
+        check_pipeline(str(path_or_id), kwargs.get("revision"))
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs)
+        except OSError as e:  # e.g. a hub id whose index is cached but not its weights
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StepdistillError(f"{path_or_id}: cannot load the pipeline ({first_line})") from e
         check_supported(type(pipe).__name__, str(path_or_id))
         pipe.set_progress_bar_config(disable=True)
         for component in pipe.components.values():  # the teacher is frozen; students are made trainable
@@ -230,12 +301,6 @@ class Teacher:
         r = resolution or self.default_resolution
         ids = torch.tensor([r, r, 0, 0, r, r], dtype=self.dtype, device=self.device)
         return ids.expand(batch_size, 6).clone()
-
-    def free_text_encoders(self) -> None:
-        """Drop the text encoders once every prompt a run needs is cached (a memory saving for training)."""
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
-                setattr(self.pipe, name, None)
 
     # ---------------------------------------------------------------- denoising
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, unet=None,

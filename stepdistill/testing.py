@@ -1,7 +1,8 @@
 """Tiny random Stable Diffusion pipelines built from configs, offline, for tests and smoke runs.
 
 Each builder saves a complete pipeline folder with ``save_pretrained`` and returns its path, so callers load it with
-``from_pretrained`` exactly as users load real models. Built in well under a second each.
+``from_pretrained`` exactly as users load real models. Built in well under a second each. ``hub_cache_snapshot``
+lays any pipeline folder out as a hub cache entry, so tests load it by a hub id, offline.
 """
 
 from __future__ import annotations
@@ -104,3 +105,23 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(directory / "pipeline", safe_serialization=True)
     return directory / "pipeline"
+
+
+def hub_cache_snapshot(pipeline_dir: str | Path, cache_dir: str | Path, repo_id: str,
+                       commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay ``pipeline_dir`` out in ``cache_dir`` as the hub cache holds a downloaded repository:
+    ``models--ORG--NAME/snapshots/<commit>/...`` (links to the files, as the cache links to its blobs) and
+    ``refs/main`` naming the commit. With ``HF_HUB_CACHE=cache_dir`` and ``HF_HUB_OFFLINE=1`` set before
+    huggingface_hub / diffusers are imported, ``repo_id`` then loads offline like a downloaded model. Returns the
+    snapshot folder."""
+    pipeline_dir = Path(pipeline_dir).resolve()
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for path in pipeline_dir.rglob("*"):
+        if path.is_file():
+            target = snapshot / path.relative_to(pipeline_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
