@@ -47,10 +47,9 @@ MODEL_LABELS = {"tiny": "tiny-digits UNet (8x8 latents)", "wider": "wider UNet (
 # ----------------------------------------------------------------------------------------------------- variants
 def method_class(method: str, variant: str):
     """DMD2 or SiD as the library builds it ("shared"), or a subclass whose real score is a separate frozen copy."""
-    from stepdistill.methods.dmd2 import DMD2
-    from stepdistill.methods.sid import SiD
+    from stepdistill.methods import get_method
 
-    base = {"dmd2": DMD2, "sid": SiD}[method]
+    base = get_method(method)
     if variant == "shared":
         return base
     if variant != "copy":
@@ -155,36 +154,16 @@ def check_variant(method, variant: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- one run
 def one_run(method: str, variant: str, model: str, steps: int, warmup: int, batch_size: int, rank: int) -> dict:
-    from stepdistill.config import parse_config
-    from stepdistill.trainer import Trainer
-
-    cls = method_class(method, variant)
-    result: dict = {}
-
-    class BenchTrainer(Trainer):
-        """The real loop; no final checkpoint, output or validation grid (they would add to the peak RSS)."""
-
-        def _save_checkpoint(self) -> None:
-            pass
-
-        def finish(self) -> Path:
-            from bench_lcm import peak_rss_mb
-
-            result["peak_rss_mb"], result["ru_maxrss_mb"] = peak_rss_mb()
-            return self.output_dir
+    from bench_lcm import timed_training  # train_scripts/ is on sys.path when this runs as a script
 
     with tempfile.TemporaryDirectory() as out:
-        config = parse_config(cls.config_class, config_argv(method, model, out, batch_size, warmup + steps, rank))
-        trainer = BenchTrainer(config, cls)
-        result.update(check_variant(trainer.method, variant))
-        trainer.train()
-        logs = [json.loads(line) for line in (Path(out) / "logs.jsonl").read_text().splitlines()]
-    timed = [r["sec_per_step"] for r in logs][warmup:]
+        argv = config_argv(method, model, out, batch_size, warmup + steps, rank)
+        result = timed_training(method_class(method, variant), argv, warmup,
+                                check=lambda trainer: check_variant(trainer.method, variant))
+    timed = result.pop("sec_per_step")
     assert len(timed) == steps, (len(timed), steps)
-    generator_updates = sum("lr_generator" in r for r in logs[warmup:])
     return {"method": method, "variant": variant, "s_per_iteration": sum(timed) / len(timed),
-            "s_per_iteration_median": sorted(timed)[len(timed) // 2], "timed_iterations": steps,
-            "generator_updates_timed": generator_updates, **result}
+            "s_per_iteration_median": sorted(timed)[len(timed) // 2], "timed_iterations": steps, **result}
 
 
 def _child(method: str, variant: str, model: str, args) -> dict:

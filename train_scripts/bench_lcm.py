@@ -1,7 +1,12 @@
 """Benchmark: LCM-LoRA training-step throughput and peak memory, stepdistill against a straightforward
 implementation built like the Diffusers example (a separate frozen teacher UNet, cond and uncond as two UNet calls,
-text and images encoded every step). Same model, data, batch and LoRA. Each (implementation, model) runs in its own
-process so peak RSS is its own.
+text and images encoded every step). Same model, images, batch, LoRA rank, guidance range and loss. Each
+(implementation, model) runs in its own process so peak RSS is its own.
+
+The stepdistill side is the library as users run it: ``stepdistill.trainer.Trainer`` with the registered LCM
+method (``--cache_latents``, cached prompt embeddings, cond and uncond in one teacher call, the teacher = the
+student's UNet with its adapters off), timed by the loop's own ``sec_per_step`` (``logs.jsonl``) after the warm-up
+iterations, without the final checkpoint, output and validation grid. The example side is written out below.
 
     python train_scripts/bench_lcm.py                 # the tiny-digits UNet and a wider 65M-parameter UNet
     python train_scripts/bench_lcm.py --steps 30 --batch_size 32
@@ -57,13 +62,62 @@ def peak_rss_mb() -> tuple[float, float]:
     return maxrss, maxrss
 
 
-def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> dict:
-    from stepdistill.lora import add_lora
-    from stepdistill.methods.consistency import boundary_scalings, consistency_loss, skipping_grid
-    from stepdistill.teacher import Teacher
+def read_logs(output_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "logs.jsonl").read_text().splitlines() if line.strip()]
 
+
+def timed_training(method_cls, argv: list[str], warmup: int, check=None) -> dict:
+    """The real training loop (``stepdistill.trainer.Trainer``) for the iterations ``argv`` asks for, without the
+    final checkpoint, output and validation grid (they would add to the peak RSS). Returns the loop's own
+    ``sec_per_step`` of every iteration after the first ``warmup``, the generator updates among them (DMD2/SiD),
+    the process's peak RSS and what ``check(trainer)`` returns (called before training)."""
+    from stepdistill.config import parse_config
+    from stepdistill.trainer import Trainer
+
+    result: dict = {}
+
+    class BenchTrainer(Trainer):
+        def _save_checkpoint(self) -> None:
+            pass
+
+        def finish(self) -> Path:
+            result["peak_rss_mb"], result["ru_maxrss_mb"] = peak_rss_mb()
+            return self.output_dir
+
+    trainer = BenchTrainer(parse_config(method_cls.config_class, argv), method_cls)
+    if check is not None:
+        result.update(check(trainer))
+    trainer.train()
+    logs = read_logs(trainer.output_dir)[warmup:]
+    result["sec_per_step"] = [r["sec_per_step"] for r in logs]
+    result["generator_updates_timed"] = sum("lr_generator" in r for r in logs)
+    return result
+
+
+def stepdistill_run(model: str, steps: int, batch_size: int, rank: int, warmup: int = 3) -> dict:
+    """The library's LCM-LoRA training for ``warmup + steps`` iterations on the first ``batch_size`` digits."""
+    from stepdistill.methods import get_method
+
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--pretrained_model_name_or_path", model, "--output_dir", out, "--train_data_dir",
+                "builtin:tiny-digits", "--max_train_samples", str(batch_size), "--cache_latents", "true",
+                "--train_batch_size", str(batch_size), "--max_train_steps", str(warmup + steps), "--use_lora", "true",
+                "--lora_rank", str(rank), "--learning_rate", "1e-4", "--guidance_scale_min", "1",
+                "--guidance_scale_max", "8", "--num_ddim_timesteps", "50", "--checkpointing_steps", "0",
+                "--validation_steps", "0", "--seed", "0"]
+        result = timed_training(get_method("lcm"), argv, warmup)
+    timed = result.pop("sec_per_step")
+    assert len(timed) == steps, (len(timed), steps)
+    return {"impl": "stepdistill", "steps_per_s": len(timed) / sum(timed), "peak_rss_mb": result["peak_rss_mb"]}
+
+
+def example_run(model: str, steps: int, batch_size: int, rank: int, warmup: int = 3) -> dict:
+    """The LCM-LoRA step as the Diffusers example (train_lcm_distill_lora_sd_wds.py) writes it: VAE- and
+    text-encode every batch, a separate frozen teacher UNet, cond and uncond as two calls, gradient clipping."""
     import torch.nn.functional as F
 
+    from stepdistill.lora import add_lora
+    from stepdistill.teacher import Teacher
     from stepdistill.toy.data import load_digits_images
 
     torch.manual_seed(0)
@@ -71,68 +125,59 @@ def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> di
     size = teacher.default_resolution
     images = load_digits_images()[0][:batch_size] * 2 - 1
     pixels = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    cached = teacher.latent_dist(pixels) if impl == "stepdistill" else None  # --cache_latents
     prompts = [f"a handwritten digit {w}" for w in ("one", "two", "three", "four")] * (batch_size // 4 + 1)
     prompts = prompts[:batch_size]
-    grid = skipping_grid(1000, 50)
-    separate_teacher = copy.deepcopy(teacher.unet) if impl == "naive" else None
+    grid = torch.arange(1, 51) * 20 - 1  # the skipping-step grid, N = 50
+    separate_teacher = copy.deepcopy(teacher.unet)
     add_lora(teacher.unet, rank, seed=0)
     unet = teacher.unet
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
     tok = teacher.pipe.tokenizer
 
-    def fscale(out, x, t):
-        c_skip, c_out = boundary_scalings(t)
+    def fscale(out, x, t):  # the example's scalings_for_boundary_conditions (sigma_data 0.5, timestep scaling 10)
+        scaled = t.double() * 10
+        c_skip, c_out = (0.25 / (scaled ** 2 + 0.25)).float(), (scaled / (scaled ** 2 + 0.25).sqrt()).float()
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * teacher.to_x0(out, x, t)
 
+    def tokens(texts):
+        return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
     def step():
-        if impl == "naive":  # the Diffusers example encodes every batch with the VAE
-            with torch.no_grad():
-                z0 = teacher.encode_images(pixels)
-        else:
-            z0 = cached[0] + cached[1] * torch.randn_like(cached[0])
+        with torch.no_grad():
+            z0 = teacher.encode_images(pixels)
+            emb = teacher.pipe.text_encoder(tokens(prompts))[0]
+            uemb = teacher.pipe.text_encoder(tokens([""] * batch_size))[0]
         t = grid[torch.randint(0, 50, (batch_size,))]
         t_prev = (t - 20).clamp(min=0)
         x = teacher.add_noise(z0, torch.randn_like(z0), t)
         w = 1 + 7 * torch.rand(batch_size)
-        if impl == "naive":  # the Diffusers-example shape: encode text every step, two teacher calls
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            uncond_ids = tok([""] * batch_size, padding="max_length", max_length=tok.model_max_length,
-                             return_tensors="pt").input_ids
-            with torch.no_grad():
-                emb = teacher.pipe.text_encoder(ids)[0]
-                uemb = teacher.pipe.text_encoder(uncond_ids)[0]
-            out = unet(x, t, emb).sample
-            with torch.no_grad():
-                c = separate_teacher(x, t, emb).sample
-                u = separate_teacher(x, t, uemb).sample
-                eps = u + w.view(-1, 1, 1, 1) * (c - u)
-                x_prev = teacher.ddim_step(eps, x, t, t_prev)
-                target = fscale(unet(x_prev, t_prev, emb).sample, x_prev, t_prev)
-        else:  # stepdistill: cached prompts, one batched CFG call, the teacher = the same UNet without adapters
-            from stepdistill.methods.consistency import guided_solver_step
-
-            cond = teacher.encode_prompt(prompts)
-            out = teacher.predict(x, t, cond, unet=unet)
-            with torch.no_grad():
-                unet.disable_adapters()
-                x_prev = guided_solver_step(teacher, unet, x, t, t_prev, cond, w)
-                unet.enable_adapters()
-                target = fscale(teacher.predict(x_prev, t_prev, cond, unet=unet), x_prev, t_prev)
-        loss = consistency_loss(fscale(out, x, t), target)
+        out = unet(x, t, emb).sample
+        with torch.no_grad():
+            c = separate_teacher(x, t, emb).sample
+            u = separate_teacher(x, t, uemb).sample
+            eps = u + w.view(-1, 1, 1, 1) * (c - u)
+            x_prev = teacher.ddim_step(eps, x, t, t_prev)
+            target = fscale(unet(x_prev, t_prev, emb).sample, x_prev, t_prev)
+        pred = fscale(out, x, t)
+        loss = (torch.sqrt((pred.float() - target.float()) ** 2 + 1e-3 ** 2) - 1e-3).mean()  # pseudo-Huber
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()  # warm-up
+    for _ in range(warmup):
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
-    peak_mb = peak_rss_mb()[0]
-    return {"impl": impl, "steps_per_s": steps / elapsed, "peak_rss_mb": peak_mb}
+    return {"impl": "naive", "steps_per_s": steps / elapsed, "peak_rss_mb": peak_rss_mb()[0]}
+
+
+def one_run(impl: str, model: str, steps: int, batch_size: int, rank: int) -> dict:
+    return (stepdistill_run if impl == "stepdistill" else example_run)(model, steps, batch_size, rank)
 
 
 def main() -> None:
@@ -154,7 +199,10 @@ def main() -> None:
             for impl in ("naive", "stepdistill"):
                 cmd = [sys.executable, __file__, "--_child", impl, model, "--steps", str(args.steps),
                        "--batch_size", str(args.batch_size), "--rank", str(args.rank)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+                if out.returncode != 0:
+                    sys.stderr.write(out.stderr[-4000:])
+                    raise SystemExit(f"{impl} / {label}: the benchmark process failed (exit {out.returncode})")
                 result[impl] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((label, result))
     print(f"\nLCM-LoRA training step, batch {args.batch_size}, LoRA rank {args.rank}, {args.steps} timed steps, "
