@@ -170,5 +170,24 @@ def test_missing_local_path():
 
 def test_unsupported_pipeline_class(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
-    with pytest.raises(StepdistillError, match="KandinskyPipeline is not supported; supported: StableDiffusionPipeline"):
+    with pytest.raises(StepdistillError,
+                       match="KandinskyPipeline is not supported; supported: StableDiffusionPipeline"):
         Teacher.from_pretrained(str(tmp_path))
+
+
+def test_incomplete_pipeline_folder_is_one_line(tmp_path):
+    from stepdistill.preflight import check_resolution
+    from stepdistill.teacher import check_pipeline
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert check_pipeline(str(tmp_path)) == "sd"
+    config = type("C", (), {"pretrained_model_name_or_path": str(tmp_path), "revision": None, "resolution": None})
+    with pytest.raises(StepdistillError, match=r"has no vae/config\.json: not a complete Diffusers pipeline folder"):
+        check_resolution(config)
+
+
+def test_resolution_is_read_from_the_component_configs(tiny_sd_path):
+    from stepdistill.preflight import check_resolution
+
+    config = type("C", (), {"pretrained_model_name_or_path": str(tiny_sd_path), "revision": None, "resolution": None})
+    assert check_resolution(config) == 16
