@@ -82,13 +82,14 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision {revision}" if revision else ""
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=_offline()))
     except LocalEntryNotFoundError:
         if _offline():
             raise StepdistillError(
                 f"{repo_id}: no such folder, and not in the local hub cache{at} (HF_HUB_OFFLINE is set); download it "
-                f"with `hf download {repo_id}` (huggingface-cli download on older huggingface_hub) or unset "
+                f"with `{download}` (huggingface-cli download on older huggingface_hub) or unset "
                 "HF_HUB_OFFLINE, or pass a pipeline folder") from None
         raise StepdistillError(f"{repo_id}: no such folder, and the hub cannot be reached to download it; pass a "
                                "pipeline folder, or download it where the hub is reachable") from None

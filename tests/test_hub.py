@@ -77,7 +77,7 @@ def test_a_cached_hub_id_trains_evaluates_and_loads_offline(toy_path, tmp_path):
     assert lines[0].startswith("error: org/not-cached: ") and "not in the local hub cache" in lines[0]
     assert "hf download org/not-cached" in lines[0] and "HF_HUB_OFFLINE" in lines[0] and "folder" in lines[0]
     rc, lines = errors["revision"]
-    assert rc == 2 and len(lines) == 1 and "at revision v9" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "at revision v9" in lines[0] and "--revision v9`" in lines[0], lines
     rc, lines = errors["eval"]
     assert rc == 2 and len(lines) == 1 and "hf download org/not-cached" in lines[0], lines
     assert not (tmp_path / "out-x" / "logs.jsonl").exists()
