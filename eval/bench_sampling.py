@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepdistill.evaluation import bench_sampling, format_bench_table  # noqa: E402
-from stepdistill.toy import WORLD_DIR  # noqa: E402
+from stepdistill.toy import WORLD_DIR, data  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = bench_sampling(args.model, num_images=args.num_images, batch_size=args.batch_size, repeats=args.repeats)
+    rows = bench_sampling(args.model, data.eval_prompts(), num_images=args.num_images, batch_size=args.batch_size,
+                          repeats=args.repeats)
     print(format_bench_table(rows, args.num_images, args.batch_size))
 
 

@@ -15,12 +15,13 @@ from stepdistill.errors import StepdistillError
 from stepdistill.evaluation import (
     add_eval_args,
     add_ref_stats_args,
+    build_tiny_clip,
     clean_resize,
+    load_stats,
     read_captions,
     run_eval,
     run_ref_stats,
 )
-from stepdistill.metrics import build_tiny_clip, load_stats
 from stepdistill.recipe import Recipe
 
 

@@ -10,7 +10,7 @@ import scipy.linalg  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from stepdistill.metrics import (  # noqa: E402
+from stepdistill.evaluation import (  # noqa: E402
     build_tiny_clip,
     extract_features,
     fid_against_stats,

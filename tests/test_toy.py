@@ -42,7 +42,7 @@ def test_stock_pipeline_loads_the_world_and_follows_prompts(toy_path):
     which `stepdistill toy quality` measures on 1000 images)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from stepdistill.sampling import cycle_prompts, generate
+    from stepdistill.evaluation import cycle_prompts, generate
     from stepdistill.toy.evaluate import DigitsJudge
 
     pipe = StableDiffusionPipeline.from_pretrained(toy_path)

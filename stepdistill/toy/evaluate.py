@@ -9,8 +9,10 @@ from typing import Sequence
 
 import torch
 
-from .. import metrics
 from ..errors import StepdistillError
+from ..evaluation.fid import extract_features, frechet_distance, stats_from_features
+from ..evaluation.images import save_grid
+from ..evaluation.sampler import cycle_prompts, generate
 from . import data
 from .classifier import DigitsClassifier
 
@@ -32,8 +34,8 @@ class DigitsJudge:
         images, labels = data.load_digits_images()
         self.real_images = data.to_uint8(images)
         self.real_labels = labels
-        features = metrics.extract_features(classifier, self.real_images)
-        mu, sigma = metrics.stats_from_features(features)
+        features = extract_features(classifier, self.real_images)
+        mu, sigma = stats_from_features(features)
         self.reference = DigitsReference(mu, sigma, len(features))
         self._real_features = features
 
@@ -45,8 +47,8 @@ class DigitsJudge:
         """FID between two random halves of the real digits: the floor no generator can go below at this size."""
         perm = torch.randperm(len(self._real_features), generator=torch.Generator().manual_seed(seed))
         a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
-        return metrics.frechet_distance(*metrics.stats_from_features(self._real_features[a]),
-                                        *metrics.stats_from_features(self._real_features[b]))
+        return frechet_distance(*stats_from_features(self._real_features[a]),
+                                *stats_from_features(self._real_features[b]))
 
     @torch.no_grad()
     def score(self, images_uint8: torch.Tensor, prompts: Sequence[str]) -> dict:
@@ -56,12 +58,11 @@ class DigitsJudge:
             raise StepdistillError("digits-FID needs at least 2 images")
         targets = torch.tensor([data.digit_of_prompt(p) if data.digit_of_prompt(p) is not None else -1
                                 for p in prompts])
-        features = metrics.extract_features(self.classifier, images_uint8)
+        features = extract_features(self.classifier, images_uint8)
         predicted = self.classifier.head(features.float()).argmax(1)
         known = targets >= 0
         agreement = (predicted[known] == targets[known]).float().mean().item() if known.any() else float("nan")
-        fid = metrics.frechet_distance(*metrics.stats_from_features(features), self.reference.mu,
-                                       self.reference.sigma)
+        fid = frechet_distance(*stats_from_features(features), self.reference.mu, self.reference.sigma)
         return {"digits_fid": fid, "prompt_agreement": agreement, "num_images": len(prompts)}
 
 
@@ -69,12 +70,7 @@ def quality_table(world_dir: str | Path, num_images: int = 1000, steps: Sequence
                   guidance_scale: float = 3.0, batch_size: int = 500, seed: int = 0, grid_path: str | None = None,
                   progress: bool = True) -> dict:
     """The teacher's quality bar: DDIM at several step counts on the held-out evaluation prompts."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from ..sampling import cycle_prompts, generate, save_grid
-
-    pipe = StableDiffusionPipeline.from_pretrained(world_dir)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = _ddim_teacher(world_dir)
     judge = DigitsJudge.from_world(world_dir)
     prompts = cycle_prompts(data.eval_prompts(), num_images)
     rows = []
@@ -91,6 +87,14 @@ def quality_table(world_dir: str | Path, num_images: int = 1000, steps: Sequence
     if grid_path:
         save_grid(torch.cat(grids), grid_path, nrow=10)
     return result
+
+
+def _ddim_teacher(world_dir: str | Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(world_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
 
 
 def _one_per_digit(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -119,8 +123,6 @@ def score_pipeline(pipe, judge: DigitsJudge, call_kwargs: dict, prompts: Sequenc
                    desc: str = "sampling") -> tuple[dict, torch.Tensor]:
     """Digits-FID and prompt agreement of ``pipe(prompt, **call_kwargs)`` on the held-out prompts (image i seeded
     ``seed + i``). Returns the scores and the uint8 images."""
-    from ..sampling import cycle_prompts, generate
-
     prompts = list(prompts) if prompts is not None else cycle_prompts(data.eval_prompts(), num_images)
     images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc, **call_kwargs)
     return judge.score(images, prompts), images
@@ -134,7 +136,6 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
     from diffusers import StableDiffusionPipeline
 
     from ..recipe import Recipe, load
-    from ..sampling import cycle_prompts
 
     recipe = Recipe.load(student_dir)
     pipe = load(StableDiffusionPipeline.from_pretrained(world_dir), student_dir)
@@ -159,12 +160,7 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
 
 def teacher_grid_row(world_dir: str | Path, seed: int = 0, steps: int = 25, guidance_scale: float = 3.0):
     """One image per digit from the teacher (DDIM, the evaluation prompts), as a grid row."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from ..sampling import generate
-
-    pipe = StableDiffusionPipeline.from_pretrained(world_dir)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = _ddim_teacher(world_dir)
     prompts = [next(p for p in data.eval_prompts() if data.digit_of_prompt(p) == d) for d in range(10)]
     return generate(pipe, prompts, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
                     progress=False)

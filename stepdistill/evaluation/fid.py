@@ -1,9 +1,11 @@
-"""Image-quality metrics: FID (float64, through torchmetrics or against saved reference statistics) and CLIP score.
+"""FID: a torchmetrics ``FrechetInceptionDistance`` that accumulates and computes in float64, and reference
+statistics (mean and covariance of real features) saved once to ``.npz`` and reused, so an evaluation run only
+extracts features of the generated images.
 
 FID works with any feature extractor that maps a uint8 batch ``(N, 3, H, W)`` to ``(N, D)`` features: Inception
-(needs ``torch-fidelity``) or a small model such as the tiny-digits classifier. Reference statistics (mean and
-covariance of real features) can be saved to ``.npz`` once and reused, so an evaluation run only extracts features
-of the generated images.
+(needs ``torch-fidelity``) or a small model such as the tiny-digits classifier. The distance is the one of Heusel
+et al. (2017), "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium": the quantity
+pytorch-fid's ``calculate_frechet_distance`` (src/pytorch_fid/fid_score.py) returns.
 """
 
 from __future__ import annotations
@@ -19,12 +21,6 @@ import torch.nn as nn
 from torch import Tensor
 
 ArrayLike = np.ndarray | Tensor
-
-DEFAULT_CLIP_WORDS = ["a", "an", "the", "photo", "picture", "of", "digit", "number", "handwritten",
-                      "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-# ----------------------------------------------------------------------------------------------------------------- FID
 
 
 class _Float64Features(nn.Module):
@@ -238,129 +234,3 @@ def fid_against_stats(extractor: nn.Module, fake_images: Tensor | Iterable[Tenso
         raise ValueError(f"the extractor gives {fake_mu.shape[0]} features but the reference stats have "
                          f"{np.shape(mu)}: were they made with another extractor?")
     return frechet_distance(fake_mu, fake_sigma, mu, sigma)
-
-
-# ------------------------------------------------------------------------------------------------------------ CLIP
-
-
-def _feature_tensor(out: Any) -> Tensor:
-    # transformers >= 5 returns a BaseModelOutputWithPooling whose pooler_output holds the projected embeddings;
-    # transformers 4 returned that tensor directly
-    return out if isinstance(out, Tensor) else out.pooler_output
-
-
-class _TensorFeaturesCLIP(nn.Module):
-    """A CLIPModel whose ``get_image_features``/``get_text_features`` return tensors, as torchmetrics expects."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def get_image_features(self, pixel_values: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return _feature_tensor(self.model.get_image_features(pixel_values, *args, **kwargs))
-
-    def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None, *args: Any,
-                          **kwargs: Any) -> Tensor:
-        return _feature_tensor(self.model.get_text_features(input_ids, attention_mask, *args, **kwargs))
-
-
-class _TruncatingProcessor:
-    """Truncates prompts at the tokenizer's length, keeping the end-of-text token CLIP pools on.
-
-    torchmetrics tokenizes with ``padding=True`` only and then slices overlong prompts, which drops that token.
-    """
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("text") is not None:
-            kwargs.setdefault("truncation", True)
-        return self.processor(*args, **kwargs)
-
-
-class ClipScore:
-    """CLIP score of images against their prompts, computed by torchmetrics' ``CLIPScore``.
-
-    The score is ``max(100 * mean(cos(image, text)), 0)``: torchmetrics averages first and clamps the average,
-    which equals the per-pair clamp whenever all similarities are positive (the usual case with real CLIP models).
-    """
-
-    def __init__(self, model: nn.Module, processor: Any):
-        from torchmetrics.multimodal.clip_score import CLIPScore
-
-        # torchmetrics only accepts a handful of hub ids as strings (no local folders), and with transformers >= 5
-        # it fails on the output objects get_*_features now return; a callable bypasses its loader, and the
-        # adapter hands it plain tensors
-        self.metric = CLIPScore(
-            model_name_or_path=lambda: (_TensorFeaturesCLIP(model), _TruncatingProcessor(processor)))
-
-    def update(self, images_uint8: Tensor | list[Tensor], prompts: list[str] | str) -> None:
-        """Add a batch of uint8 images ``(N, 3, H, W)`` and their ``N`` prompts."""
-        if isinstance(images_uint8, Tensor) and images_uint8.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 images, got {images_uint8.dtype}")
-        self.metric.update(images_uint8, list(prompts) if not isinstance(prompts, str) else [prompts])
-
-    def compute(self) -> float:
-        return float(self.metric.compute())
-
-    def reset(self) -> None:
-        self.metric.reset()
-
-    def to(self, device: str | torch.device) -> "ClipScore":
-        self.metric.to(device)
-        return self
-
-
-def make_clip_score(model_name_or_path: str | Path) -> ClipScore:
-    """A :class:`ClipScore` with ``CLIPModel``/``CLIPProcessor`` from a local folder or a hub id (cache only when
-    ``HF_HUB_OFFLINE=1``)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    model = CLIPModel.from_pretrained(str(model_name_or_path)).eval()
-    processor = CLIPProcessor.from_pretrained(str(model_name_or_path))
-    return ClipScore(model, processor)
-
-
-def build_tiny_clip(directory: str | Path, words: list[str] | None = None, seed: int = 0) -> Path:
-    """Save a tiny randomly initialised CLIP (model, image processor, word-list tokenizer) to ``directory``.
-
-    It scores nothing meaningfully; it exists so CLIP-score code runs offline in tests. Loads back with
-    ``CLIPModel.from_pretrained(directory)`` and ``CLIPProcessor.from_pretrained(directory)``.
-    """
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from .tokenizer import write_clip_tokenizer
-
-    # transformers 5's default CLIPImageProcessor needs torchvision (and warns when it falls back), so build with
-    # the PIL backend; the saved config still names CLIPImageProcessor, so loading picks whichever is available
-    try:
-        from transformers import CLIPImageProcessorPil as image_processor_cls
-    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL/numpy one
-        from transformers import CLIPImageProcessor as image_processor_cls
-
-    directory = Path(directory)
-    max_length = 77
-    write_clip_tokenizer(directory, words or DEFAULT_CLIP_WORDS, model_max_length=max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(directory)
-    image_size = 32
-    image_processor = image_processor_cls(size={"shortest_edge": image_size},
-                                          crop_size={"height": image_size, "width": image_size})
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **common),
-        vision_config=dict(image_size=image_size, patch_size=4, **common),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = CLIPModel(config).eval()
-    model.save_pretrained(directory)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
-    return directory

@@ -1,0 +1,145 @@
+"""``stepdistill eval``: generate (or resume) the images of a base pipeline or a stepdistill output, score them with
+the chosen metrics and write ``metrics.json``.
+
+Every input is checked before the pipeline runs, so a typo costs seconds, not an hour of sampling. Images are
+written as ``images/{i:05d}.png`` as they are made and image i always uses seed ``seed + i`` in a fixed batch, so an
+interrupted run resumes to exactly the files an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import StepdistillError
+from ..recipe import Recipe
+from ..teacher import _check_pipeline_folder, check_supported
+from .captions import prompt_source
+from .images import IMAGES_DIR, image_path, load_images, save_png, write_eval_grid
+from .pipeline import device_name, prepare_pipeline, sampler_settings, scheduler_class
+from .protocol import GENERATION_NAME, METRICS_NAME, fingerprint, protocol_record, read_generation
+from .registry import Metric, metrics
+from .sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+def normalise_metrics(values: Sequence[str]) -> list[str]:
+    known = metrics()
+    chosen = [m.strip().lower() for v in values for m in str(v).split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in known]
+    if unknown or not chosen:
+        raise StepdistillError(f"--metrics {' '.join(values)}: unknown {', '.join(unknown) or 'empty list'}; "
+                               f"choose from {', '.join(known)}")
+    return list(dict.fromkeys(chosen))
+
+
+def _generate_missing(pipe, call_kwargs: dict, prompts: list[str], batches: list[range], args, output_dir: Path,
+                      state: dict) -> None:
+    sampler = Sampler(pipe, call_kwargs)
+    # a batch with any image missing is redone whole, so every image is computed in the same batch as before
+    todo = [b for b in batches if not all(image_path(output_dir, i).is_file() for i in b)]
+    bar = tqdm(total=sum(len(b) for b in todo), desc="generating", unit="img", disable=args.no_progress)
+    for batch in todo:
+        before = sampler.counter.samples
+        start = time.perf_counter()
+        images = sampler([prompts[i] for i in batch], [args.seed + i for i in batch])
+        state["generation_seconds"] += time.perf_counter() - start
+        state["unet_samples"] += sampler.counter.samples - before
+        state["generated_images"] += len(batch)
+        if state["timesteps"] is None:
+            state["timesteps"] = [int(t) if float(t).is_integer() else round(float(t), 4)
+                                  for t in pipe.scheduler.timesteps.tolist()]
+        for i, image in zip(batch, images):
+            if not image_path(output_dir, i).is_file():
+                save_png(image, image_path(output_dir, i))
+        # after the images, so the counts never claim images an interruption lost
+        (output_dir / GENERATION_NAME).write_text(json.dumps(state, indent=2))
+        bar.update(len(batch))
+    bar.close()
+
+
+def _score(args, output_dir: Path, prompts: list[str], batches: list[range], scorers: dict[str, Metric]) -> dict:
+    """Scores streamed from the written files, so a resumed run scores exactly what an uninterrupted one does."""
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=args.no_progress):
+        images = load_images([image_path(output_dir, i) for i in batch])
+        for scorer in scorers.values():
+            scorer.update(images, [prompts[i] for i in batch])
+    result: dict[str, Any] = {}
+    for scorer in scorers.values():
+        result.update(scorer.compute())
+    return result
+
+
+def run_eval(args) -> dict:
+    """Generate (or resume) the images, score them and write ``metrics.json``; returns its content."""
+    args.metrics = normalise_metrics(args.metrics)
+    specs = [spec for name, spec in metrics().items() if name in args.metrics]  # in registration order
+    device = device_name(args.device)
+
+    # ---- every check that can fail comes before the pipeline runs
+    recipe = Recipe.load(args.student) if args.student else None
+    base_model = args.pretrained_model_name_or_path or (recipe.base_model if recipe else None)
+    if base_model is None:
+        raise StepdistillError("no base model: pass --pretrained_model_name_or_path (or a --student whose recipe "
+                               "names one)")
+    base_model = str(base_model)
+    class_name = _check_pipeline_folder(base_model)
+    if class_name is not None:
+        check_supported(class_name, base_model)
+    settings = sampler_settings(args, recipe)
+    if settings.scheduler:
+        scheduler_class(settings.scheduler)
+
+    prompts_all, prompt_info = prompt_source(args)
+    num_images = args.num_images if args.num_images is not None else len(prompts_all)
+    if args.batch_size < 1:
+        raise StepdistillError(f"--batch_size {args.batch_size}: must be at least 1")
+    least = max(spec.min_images for spec in specs)
+    if least > 1 and num_images < least:
+        raise StepdistillError(f"--num_images {num_images}: FID needs at least {least} images (thousands for a "
+                               "meaningful number)")
+    if num_images < 1:
+        raise StepdistillError(f"--num_images {num_images}: must be at least 1")
+    prompt_info["cycled"] = num_images > len(prompts_all)
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(num_images)]
+
+    if "fid" not in args.metrics and (args.reference_dir or args.reference_stats):
+        logger.warning("a FID reference was given but --metrics has no fid; it is ignored")
+    scorers = {spec.name: spec.factory(args, base_model, device) for spec in specs}
+
+    output_dir = Path(args.output_dir)
+    previous = read_generation(output_dir)
+    if previous is None and (output_dir / IMAGES_DIR).is_dir() and any((output_dir / IMAGES_DIR).glob("*.png")):
+        raise StepdistillError(f"--output_dir {output_dir}: holds images but no {GENERATION_NAME}, so they cannot "
+                               "be resumed safely; use an empty directory")
+
+    pipe, call_kwargs = prepare_pipeline(args, base_model, recipe, settings, device)
+    fp = fingerprint(args, base_model, class_name is not None, pipe, call_kwargs, prompt_info["sha256"])
+    if previous is not None and previous.get("fingerprint") != fp:
+        changed = sorted(k for k in fp if previous.get("fingerprint", {}).get(k) != fp[k])
+        raise StepdistillError(f"--output_dir {output_dir}: holds images of another run (differs in "
+                               f"{', '.join(changed)}); use a new --output_dir or delete it")
+    if previous is not None and previous.get("batch_size") != args.batch_size:
+        logger.warning("resuming with --batch_size %d instead of %s: images may differ in the last bits",
+                       args.batch_size, previous.get("batch_size"))
+
+    # ---- generation (resumable), then scoring
+    (output_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    state = previous or {"fingerprint": fp, "generated_images": 0, "unet_samples": 0,
+                         "generation_seconds": 0.0, "timesteps": None}
+    state["batch_size"] = args.batch_size
+    batches = [range(s, min(s + args.batch_size, num_images)) for s in range(0, num_images, args.batch_size)]
+    _generate_missing(pipe, call_kwargs, prompts, batches, args, output_dir, state)
+    result = _score(args, output_dir, prompts, batches, scorers)
+    grid = write_eval_grid(output_dir, num_images)
+    result["protocol"] = protocol_record(
+        args, num_images=num_images, prompt_info=prompt_info, scorers=scorers, fingerprint=fp, recipe=recipe,
+        settings=settings, state=state, call_kwargs=call_kwargs, device=device, output_dir=output_dir, grid=grid)
+    (output_dir / METRICS_NAME).write_text(json.dumps(result, indent=2) + "\n")
+    return result
