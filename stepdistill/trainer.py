@@ -243,7 +243,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> Path | None:
-        from .sampling import generate, save_grid
+        from .evaluation import generate, save_grid
 
         if not self.accelerator.is_main_process:
             return None
