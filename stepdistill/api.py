@@ -11,15 +11,11 @@ checks), so a bad value raises the StepdistillError whose text those commands pr
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import StepdistillError
-
-logger = logging.getLogger("stepdistill")
-
 
 def _method_class(method):
     from .methods import get_method
@@ -36,11 +32,7 @@ def train_from_argv(method, argv: list[str] | None = None, prog: str | None = No
 
     method_cls = _method_class(method)
     config = parse_config(method_cls.config_class, argv, prog=prog or f"train_{method_cls.name}.py")
-    trainer = Trainer(config, method_cls)
-    acc = trainer.accelerator
-    logger.info("distributed: %s, %d process%s", getattr(acc.distributed_type, "value", acc.distributed_type),
-                acc.num_processes, "" if acc.num_processes == 1 else "es")
-    return Path(trainer.train())
+    return Path(Trainer(config, method_cls).train())
 
 
 def train(method: str, config: str | Path | None = None, output_dir: str | Path | None = None,

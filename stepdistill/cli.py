@@ -41,7 +41,7 @@ def _toy_quality(args) -> None:
     result = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=args.guidance_scale,
                            batch_size=args.batch_size, seed=args.seed, grid_path=None if args.student else args.grid)
     if args.student:
-        from .sampling import save_grid
+        from .evaluation import save_grid
 
         student_steps = [int(s) for s in args.student_steps.split(",")]
         rows, grid = student_table(args.model, args.student, student_steps, args.num_images, args.batch_size,

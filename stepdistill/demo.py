@@ -20,7 +20,7 @@ def run_demo(output_dir: str | Path, model: str, num_images: int = 1000, method:
     from .api import train_from_argv
     from .methods import get_method
     from .recipe import RECIPE_NAME
-    from .sampling import save_grid
+    from .evaluation import save_grid
     from .toy.evaluate import DigitsJudge, format_table, quality_table, student_table, teacher_grid_row
 
     output_dir = Path(output_dir)

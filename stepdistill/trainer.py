@@ -8,14 +8,12 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import parse_config
 from .data import BatchServer, build_dataset
 from .errors import StepdistillError
 from .methods.base import PhaseContext
@@ -55,6 +53,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        logger.info("distributed: %s, %d process%s", getattr(acc.distributed_type, "value", acc.distributed_type),
+                    acc.num_processes, "" if acc.num_processes == 1 else "es")
 
         dtype = torch.float32  # the frozen base in float32 on CPU; autocast handles mixed precision on GPUs
         self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
@@ -275,12 +275,7 @@ class Trainer:
 
 
 def run(method_cls, argv: list[str] | None = None) -> int:
-    """Entry point of ``train_scripts/train_<method>.py``: parse, train, write. Bad input exits 2 with one line."""
-    try:
-        config = parse_config(method_cls.config_class, argv, prog=f"train_{method_cls.name}.py")
-        trainer = Trainer(config, method_cls)
-        trainer.train()
-    except StepdistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point of the train scripts (kept for callers of ``stepdistill.trainer.run``): see ``api.main``."""
+    from .api import main
+
+    return main(method_cls, argv)

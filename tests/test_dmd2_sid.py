@@ -2,15 +2,13 @@
 noise, the depth shared by all processes, the GAN head, outputs that load into stock pipelines, and bad input
 caught before training."""
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, train_args
+from conftest import REPO, lora_before_after, read_logs, train_args
 
 import stepdistill
 from stepdistill.config import parse_config
@@ -38,10 +36,6 @@ def dm_args(model, out, data=None, prompts=None, **overrides) -> list[str]:
     overrides.setdefault("max_train_steps", 2)
     args = train_args(model, data, out, **overrides)
     return args + (["--prompts_file", str(prompts)] if prompts else [])
-
-
-def _logs(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "logs.jsonl").read_text().splitlines()]
 
 
 def _method(cls, argv):
@@ -186,7 +180,7 @@ def test_generator_updates_every_ratio_th_iteration_and_gan_starts_late(tiny_sd_
     out = tmp_path / "run"
     assert run(DMD2, dm_args(tiny_sd_path, out, digits_dir, max_train_steps=7, dfake_gen_update_ratio=3, gan="true",
                              gan_start_step=2, denoising_timesteps="999,499")) == 0
-    logs = _logs(out)
+    logs = read_logs(out)
     assert [r["step"] for r in logs if "lr_generator" in r] == [1, 4, 7]
     assert [r["step"] for r in logs if "loss_dm" in r] == [1, 4, 7]
     assert all("lr_fake_score" in r and "loss_fake" in r for r in logs)
@@ -200,7 +194,7 @@ def test_sid_updates_both_networks_every_iteration_unless_given_a_ratio(tiny_sd_
         out = tmp_path / f"ratio{ratio}"
         assert run(SiD, dm_args(tiny_sd_path, out, prompts=prompts_file, max_train_steps=5,
                                 dfake_gen_update_ratio=ratio)) == 0
-        logs = _logs(out)
+        logs = read_logs(out)
         assert [r["step"] for r in logs if "loss_sid" in r] == expected
         assert all("loss_fake" in r for r in logs) and len(logs) == 5
 
@@ -243,12 +237,7 @@ def test_multistep_dmd2_lora_with_gan_loads_and_changes_output(tiny_sd_path, dig
     assert (out / "checkpoint-2" / "fake_score.safetensors").is_file()
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    kwargs = dict(recipe.call_kwargs(), output_type="pt")
-    before = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
+    before, after = lora_before_after(StableDiffusionPipeline, tiny_sd_path, out)
     assert (after - before).abs().max() > 1e-3
 
 
@@ -262,7 +251,7 @@ def test_sid_variants_train(extra, tiny_sd_path, digits_dir, prompts_file, tmp_p
     data = digits_dir if extra.get("gan") else None  # real images only for the GAN; prompts from the file
     assert run(SiD, dm_args(tiny_sd_path, out, data, prompts=prompts_file, max_train_steps=3, learning_rate=1e-3,
                             **extra)) == 0
-    logs = _logs(out)
+    logs = read_logs(out)
     assert all(torch.isfinite(torch.tensor([r["loss_sid"], r["loss_fake"]])).all() for r in logs)
     assert all("lr_generator" in r and "lr_fake_score" in r for r in logs)
     recipe = Recipe.load(out)
@@ -288,7 +277,7 @@ def test_sid_guidance_presets():
 def test_dmd2_on_a_v_prediction_teacher(tiny_sd2_v_path, prompts_file, tmp_path):
     out = tmp_path / "v"
     assert run(DMD2, dm_args(tiny_sd2_v_path, out, prompts=prompts_file, dfake_gen_update_ratio=1)) == 0
-    assert all(torch.isfinite(torch.tensor(r["loss_fake"])) for r in _logs(out))
+    assert all(torch.isfinite(torch.tensor(r["loss_fake"])) for r in read_logs(out))
 
 
 @pytest.mark.parametrize("method", [DMD2, SiD])
@@ -300,13 +289,7 @@ def test_sdxl_lora_loads_into_stock_pipeline_and_changes_output(method, tiny_sdx
     extra = (dict(data=digits_dir, gan="true", dfake_gen_update_ratio=1, denoising_timesteps="999,499")
              if method is DMD2 else dict(prompts=prompts_file, num_steps=2))
     assert run(method, dm_args(tiny_sdxl_path, out, learning_rate=1e-2, **extra)) == 0
-    recipe = Recipe.load(out)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    kwargs = dict(recipe.call_kwargs(), output_type="pt", height=16, width=16)
-    before = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a digit", generator=torch.Generator().manual_seed(0), **kwargs).images
+    before, after = lora_before_after(StableDiffusionXLPipeline, tiny_sdxl_path, out, height=16, width=16)
     assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4
 
 
@@ -323,7 +306,7 @@ def test_two_processes_draw_the_same_depth_as_one(tiny_sd_path, digits_dir, tmp_
                                                                **base)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _logs(single), _logs(multi)
+    one, two = read_logs(single), read_logs(multi)
     assert [r["depth"] for r in one] == [r["depth"] for r in two]
     assert abs(one[0]["loss_fake"] - two[0]["loss_fake"]) <= 1e-4 * abs(one[0]["loss_fake"])
 

@@ -22,14 +22,6 @@ from .distribution_matching import DistributionMatching, DistributionMatchingCon
 from .losses import DenoisingLoss, DMDLoss
 
 
-def _ints(name: str, values: list) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError as e:
-        raise StepdistillError(f"--{name} {','.join(map(str, values))}: expected integers, e.g. 999,749,499,249") \
-            from e
-
-
 @dataclass
 class DMD2Config(DistributionMatchingConfig):
     """DMD2: distribution matching distillation with two time-scale updates, Diffusion-GAN and backward
@@ -39,7 +31,7 @@ class DMD2Config(DistributionMatchingConfig):
     dfake_gen_update_ratio: int = option(10, "the fake score updates every iteration, the generator every N-th "
                                              "(SD1.5 10, SDXL 5)")
     conditioning_timestep: int = option(999, "timestep of a one-step generator fed pure noise (SDXL one-step: 399)")
-    denoising_timesteps: list = option([], "timesteps of a multi-step generator, e.g. 999,749,499,249, trained "
+    denoising_timesteps: list[int] = option([], "timesteps of a multi-step generator, e.g. 999,749,499,249, trained "
                                            "with backward simulation; empty: one step at --conditioning_timestep")
     learning_rate: float = option(1e-5, "learning rate of the generator (SD1.5 1e-5; SDXL LoRA 5e-5)")
     adam_weight_decay: float = option(0.01, "AdamW weight decay")
@@ -47,7 +39,6 @@ class DMD2Config(DistributionMatchingConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.denoising_timesteps = _ints("denoising_timesteps", self.denoising_timesteps)
         if self.real_guidance_scale < 0:
             raise StepdistillError(f"--real_guidance_scale {self.real_guidance_scale}: must be >= 0 (Imagen "
                                    "convention: 1 is no guidance, 0 the unconditional score)")
