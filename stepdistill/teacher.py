@@ -140,13 +140,6 @@ def check_pipeline(path_or_id: str, revision: str | None = None) -> str:
     return check_supported(pipeline_class_name(path_or_id, revision), str(path_or_id))
 
 
-def _check_pipeline_folder(path: str, revision: str | None = None) -> str | None:
-    """For a local folder, the pipeline class its model_index.json names; None for a hub id, once its
-    model_index.json is known to be reachable (in the cache when offline). Prefer :func:`check_pipeline`."""
-    class_name = pipeline_class_name(path, revision)
-    return class_name if _is_local(str(path)) else None
-
-
 def check_supported(class_name: str | None, source: str) -> str:
     if class_name not in SUPPORTED_PIPELINES:
         raise StepdistillError(

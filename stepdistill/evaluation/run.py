@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import StepdistillError
 from ..recipe import Recipe
-from ..teacher import _check_pipeline_folder, check_supported
+from ..teacher import check_pipeline
 from .captions import prompt_source
 from .images import IMAGES_DIR, image_path, load_images, save_png, write_eval_grid
 from .pipeline import device_name, prepare_pipeline, sampler_settings, scheduler_class
@@ -89,9 +89,7 @@ def run_eval(args) -> dict:
         raise StepdistillError("no base model: pass --pretrained_model_name_or_path (or a --student whose recipe "
                                "names one)")
     base_model = str(base_model)
-    class_name = _check_pipeline_folder(base_model)
-    if class_name is not None:
-        check_supported(class_name, base_model)
+    check_pipeline(base_model)  # a folder or a hub id (in the cache when offline), a supported pipeline class
     settings = sampler_settings(args, recipe)
     if settings.scheduler:
         scheduler_class(settings.scheduler)
@@ -120,7 +118,7 @@ def run_eval(args) -> dict:
                                "be resumed safely; use an empty directory")
 
     pipe, call_kwargs = prepare_pipeline(args, base_model, recipe, settings, device)
-    fp = fingerprint(args, base_model, class_name is not None, pipe, call_kwargs, prompt_info["sha256"])
+    fp = fingerprint(args, base_model, Path(base_model).exists(), pipe, call_kwargs, prompt_info["sha256"])
     if previous is not None and previous.get("fingerprint") != fp:
         changed = sorted(k for k in fp if previous.get("fingerprint", {}).get(k) != fp[k])
         raise StepdistillError(f"--output_dir {output_dir}: holds images of another run (differs in "
