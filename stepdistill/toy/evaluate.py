@@ -135,6 +135,7 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
     the held-out prompts. Returns the rows and one grid row (digits 0-9) per step count."""
     from diffusers import StableDiffusionPipeline
 
+    from ..outputs import output_kind
     from ..recipe import Recipe, load
 
     recipe = Recipe.load(student_dir)
@@ -152,8 +153,9 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
         scores, images = score_pipeline(pipe, judge, kwargs, prompts, batch_size=batch_size, seed=seed,
                                         progress=progress, desc=f"{recipe.method} {n} steps")
         cfg = recipe.guidance_scale > 1 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
+        per_step = output_kind(recipe.adapter).unet_evals_per_step(recipe) * (2 if cfg else 1)
         rows.append({"sampler": f"{recipe.method} ({recipe.scheduler})", "steps": n,
-                     "guidance_scale": recipe.guidance_scale, "nfe": n * (2 if cfg else 1), **scores})
+                     "guidance_scale": recipe.guidance_scale, "nfe": n * per_step, **scores})
         grids.append(_one_per_digit(images, prompts))
     return rows, torch.cat(grids)
 
