@@ -38,18 +38,25 @@ def _toy_quality(args) -> None:
 
         Recipe.load(args.student)  # a clear error before any sampling
     steps = [int(s) for s in (args.steps or ("25" if args.student else "25,8,4,2")).split(",")]
-    result = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=args.guidance_scale,
-                           batch_size=args.batch_size, seed=args.seed, grid_path=None if args.student else args.grid)
+    scales = [float(w) for w in str(args.guidance_scale).split(",")]
+    result = None
+    for w in scales:  # the teacher at each guidance scale (CFG)
+        part = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=w,
+                             batch_size=args.batch_size, seed=args.seed,
+                             grid_path=None if (args.student or len(scales) > 1) else args.grid)
+        result = part if result is None else {**result, "rows": result["rows"] + part["rows"]}
     if args.student:
         from .evaluation import save_grid
 
         student_steps = [int(s) for s in args.student_steps.split(",")]
+        student_scales = [float(w) for w in args.student_guidance.split(",")] if args.student_guidance else None
         rows, grid = student_table(args.model, args.student, student_steps, args.num_images, args.batch_size,
-                                   args.seed)
+                                   args.seed, guidance_scales=student_scales)
+        teachers = list(result["rows"])
         result["rows"] += rows
-        teacher_row = result["rows"][0]["digits_fid"]
-        for r in result["rows"]:
-            r["fid_vs_teacher"] = r["digits_fid"] / teacher_row
+        for r in result["rows"]:  # against the teacher at the same guidance scale where there is one
+            same = [t for t in teachers if t["guidance_scale"] == r["guidance_scale"]] or teachers
+            r["fid_vs_teacher"] = r["digits_fid"] / same[0]["digits_fid"]
         if args.grid:
             from .toy.evaluate import teacher_grid_row
 
@@ -128,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=None, help="teacher DDIM step counts (default 25,8,4,2; 25 with --student)")
     p.add_argument("--student", default=None, help="also evaluate this stepdistill output, loaded the stock way")
     p.add_argument("--student_steps", default="1,2,4", help="student step counts")
-    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--student_guidance", default=None,
+                   help="student guidance scales, e.g. 2,3,5 for AGD (default: the recipe's)")
+    p.add_argument("--guidance_scale", default="3.0", help="teacher CFG scale(s), e.g. 2,3,5")
     p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="write one image per digit per step count as a PNG grid")
@@ -140,9 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(WORLD_DIR))
     p.add_argument("--num_images", type=int, default=1000)
     p.set_defaults(func=_demo)
+    from .agd.cli import register as register_agd
     from .evaluation import register as register_evaluation
 
     register_evaluation(sub)
+    register_agd(sub)
     return parser
 
 

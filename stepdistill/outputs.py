@@ -8,6 +8,7 @@ students) is one :class:`OutputKind` subclass and one :func:`register_output` ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,46 @@ def output_kind(name: str) -> OutputKind:
         raise StepdistillError(f"unknown adapter {name!r}; expected one of {', '.join(_KINDS)}") from None
 
 
-for _kind in (LoraOutput(), FullUNetOutput()):
+class AGDOutput(OutputKind):
+    """AGD's guidance adapters: weights keyed by the UNet module path they adapt, plus their config. Loading hooks
+    them onto the pipeline's UNet and switches the pipeline to one UNet evaluation per step (the adapters get w)."""
+
+    name = "agd"
+    WEIGHTS, CONFIG = "agd_adapters.safetensors", "agd_config.json"
+
+    def save(self, student, output_dir, pipeline_class):
+        from safetensors.torch import save_file
+
+        config = {"hidden_dim": student.hidden_dim, "mlp_ratio": student.mlp_ratio,
+                  "guidance_range": list(student.guidance_range or ()), "signature": student.signature}
+        save_file(student.state_dict_by_path(), str(Path(output_dir) / self.WEIGHTS),
+                  metadata={"format": "pt", "agd_config": json.dumps(config)})
+        (Path(output_dir) / self.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+    def load(self, pipe, output_dir, recipe, adapter_name):
+        from safetensors.torch import load_file
+
+        from .agd.adapters import AGDAdapters, unet_signature
+
+        self._require(output_dir, self.WEIGHTS, "AGD adapters")
+        config = json.loads((Path(output_dir) / self.CONFIG).read_text())
+        if unet_signature(pipe.unet) != config["signature"]:
+            raise StepdistillError(f"{output_dir}: AGD adapters trained for {recipe.base_model} do not fit the UNet "
+                                   f"of {pipe.name_or_path or type(pipe).__name__} (other cross-attention layout or "
+                                   "widths); load them into a pipeline of the same base model")
+        unet = pipe.unet
+        adapters = AGDAdapters(unet, config["hidden_dim"], config["mlp_ratio"], config["guidance_range"] or None)
+        adapters.load_state_dict_by_path(load_file(str(Path(output_dir) / self.WEIGHTS)))
+        adapters.to(device=unet.device, dtype=unet.dtype).enable_pipeline_mode()
+        pipe.agd_adapters = adapters  # stepdistill.agd.disable(pipe) removes them
+        return pipe
+
+    def card_load_lines(self, recipe):
+        return ("import stepdistill  # AGD adapters attach through stepdistill's hooks\n"
+                "pipe = stepdistill.load(pipe, student_dir)  # then pipe(prompt, guidance_scale=w): one UNet pass per step")
+
+
+for _kind in (LoraOutput(), FullUNetOutput(), AGDOutput()):
     register_output(_kind)
 
 

@@ -86,6 +86,9 @@ class TrajectorySpec:
     @classmethod
     def for_pipeline(cls, pipe, base_model, prompts, *, num_trajectories: int, guidance_range, steps: int,
                      batch_size: int, seed: int = 0, resolution: int | None = None) -> "TrajectorySpec":
+        # the pipeline's own size when not given, so a folder made by the CLI and by the trainer (whose preflight
+        # fills in the resolution) have the same spec
+        resolution = resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         return cls(str(base_model), type(pipe).__name__, unet_signature(pipe), prompts_sha256(prompts),
                    num_trajectories, guidance_range, steps, batch_size, seed, type(pipe.scheduler).__name__,
                    resolution)

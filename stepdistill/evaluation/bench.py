@@ -17,9 +17,11 @@ logger = logging.getLogger(__name__)
 
 def bench_sampling(model: str | Path, prompts: Sequence[str], num_images: int = 250, batch_size: int = 250,
                    repeats: int = 3, teacher_steps: int = 25, guidance_scale: float = 3.0,
-                   student_nfe: Sequence[int] = (1, 2, 4), progress: bool = True) -> list[dict]:
+                   student_nfe: Sequence[int] = (1, 2, 4), progress: bool = True,
+                   agd_dir: str | Path | None = None) -> list[dict]:
     """Images per second of the teacher (DDIM, CFG) and of 1/2/4-evaluation samplers (LCMScheduler, no CFG) on the
-    same UNet, through the same :class:`Sampler` the evaluation uses, on ``prompts`` taken round-robin.
+    same UNet, through the same :class:`Sampler` the evaluation uses, on ``prompts`` taken round-robin. With
+    ``agd_dir``, also the teacher's steps and guidance scale through AGD adapters (one UNet evaluation per step).
 
     The configurations take turns within each pass and each keeps its fastest timed pass (pass 0 warms up): the
     machine is shared, so drift hits all of them alike and the minimum is the least disturbed estimate. Time inside
@@ -30,19 +32,27 @@ def bench_sampling(model: str | Path, prompts: Sequence[str], num_images: int = 
     pipe = load_pipeline(str(model), torch.float32, "cpu")
     base_config = pipe.scheduler.config
     prompts = cycle_prompts(prompts, num_images)
-    configs = [("teacher: DDIM + CFG", DDIMScheduler.from_config(base_config), teacher_steps, guidance_scale)]
-    configs += [(f"LCMScheduler, {n} step{'s' if n > 1 else ''}", LCMScheduler.from_config(base_config), n, 1.0)
-                for n in student_nfe]
-    samplers = [Sampler(pipe, {"num_inference_steps": steps, "guidance_scale": w}, time_unet=True)
-                for _, _, steps, w in configs]
+    # (name, pipeline, scheduler, steps, guidance scale, images per call)
     # CFG doubles the UNet batch; halving the teacher's images per call keeps every UNet call at batch_size
     # latents, so per-evaluation cost (which depends on the batch through cache effects) is the same for all
-    per_call = [max(1, batch_size // 2) if w > 1 else batch_size for _, _, _, w in configs]
+    configs = [("teacher: DDIM + CFG", pipe, DDIMScheduler.from_config(base_config), teacher_steps, guidance_scale,
+                max(1, batch_size // 2) if guidance_scale > 1 else batch_size)]
+    if agd_dir is not None:
+        from ..recipe import load
+
+        agd_pipe = load(load_pipeline(str(model), torch.float32, "cpu"), agd_dir)
+        configs.append((f"AGD adapters: DDIM, w {guidance_scale:g}", agd_pipe, DDIMScheduler.from_config(base_config),
+                        teacher_steps, guidance_scale, batch_size))
+    configs += [(f"LCMScheduler, {n} step{'s' if n > 1 else ''}", pipe, LCMScheduler.from_config(base_config), n, 1.0,
+                 batch_size) for n in student_nfe]
+    samplers = [Sampler(p, {"num_inference_steps": steps, "guidance_scale": w}, time_unet=True)
+                for _, p, _, steps, w, _ in configs]
     decode = ForwardMeter(pipe.vae.decoder, time_it=True)
     best: list[dict | None] = [None] * len(configs)
     for rep in range(repeats + 1):
-        for k, ((name, scheduler, _, _), sampler, b) in enumerate(zip(configs, samplers, per_call)):
-            pipe.scheduler = scheduler
+        for k, ((name, p, scheduler, _, _, b), sampler) in enumerate(zip(configs, samplers)):
+            p.scheduler = scheduler
+            decode.module = p.vae.decoder
             sampler.counter.samples, sampler.counter.seconds, decode.seconds = 0, 0.0, 0.0
             start = time.perf_counter()
             with decode.counting():
@@ -55,7 +65,7 @@ def bench_sampling(model: str | Path, prompts: Sequence[str], num_images: int = 
             if progress:
                 logger.info("pass %d, %s: %.2f s", rep, name, run["seconds"])
     rows = [{"sampler": name, "steps": steps, "guidance_scale": w, **b, "images_per_second": num_images / b["seconds"]}
-            for (name, _, steps, w), b in zip(configs, best)]
+            for (name, _, _, steps, w, _), b in zip(configs, best)]
     teacher = rows[0]
     per = 1e3 / num_images
     for r in rows:

@@ -6,13 +6,14 @@ line below (see docs/architecture.md)."""
 from __future__ import annotations
 
 from ..errors import StepdistillError
+from .agd import AGD
 from .base import DistillationMethod
 from .dmd2 import DMD2
 from .lcm import LCM
 from .sid import SiD
 from .tscd import TSCD
 
-METHODS: dict[str, type[DistillationMethod]] = {cls.name: cls for cls in (LCM, TSCD, DMD2, SiD)}
+METHODS: dict[str, type[DistillationMethod]] = {cls.name: cls for cls in (LCM, TSCD, DMD2, SiD, AGD)}
 
 
 def get_method(name: str) -> type[DistillationMethod]:

@@ -166,7 +166,11 @@ class DistillationMethod:
         """Weights, recipe and model card, as the output kind of the recipe writes them."""
         from ..outputs import save_output
 
-        save_output(self.student_unet(), output_dir, self.recipe(), type(self.teacher.pipe))
+        save_output(self.output_module(), output_dir, self.recipe(), type(self.teacher.pipe))
+
+    def output_module(self):
+        """What the output kind writes: the sampling UNet (a LoRA student's UNet, a full student), or adapters."""
+        return self.student_unet()
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from ..errors import StepdistillError
 from ..evaluation.fid import extract_features, frechet_distance, stats_from_features
 from ..evaluation.images import save_grid
-from ..evaluation.sampler import cycle_prompts, generate
+from ..evaluation.sampler import ForwardMeter, cycle_prompts, generate
 from . import data
 from .classifier import DigitsClassifier
 
@@ -76,11 +76,10 @@ def quality_table(world_dir: str | Path, num_images: int = 1000, steps: Sequence
     rows = []
     grids = []
     for n in steps:
-        images = generate(pipe, prompts, num_inference_steps=n, guidance_scale=guidance_scale,
-                          batch_size=batch_size, seed=seed, progress=progress, desc=f"ddim {n} steps")
-        row = {"sampler": "DDIM", "steps": n, "guidance_scale": guidance_scale,
-               "nfe": n * (2 if guidance_scale > 1 else 1), **judge.score(images, prompts)}
-        rows.append(row)
+        scores, images = score_pipeline(pipe, judge, {"num_inference_steps": n, "guidance_scale": guidance_scale},
+                                        prompts, batch_size=batch_size, seed=seed, progress=progress,
+                                        desc=f"ddim {n} steps")
+        rows.append({"sampler": "DDIM", "steps": n, "guidance_scale": guidance_scale, **scores})
         grids.append(_one_per_digit(images, prompts))
     result = {"rows": rows, "real_vs_real_fid": judge.real_vs_real_fid(seed), "num_images": num_images,
               "prompts": "assets/prompts/tiny-digits-eval.txt"}
@@ -124,18 +123,23 @@ def score_pipeline(pipe, judge: DigitsJudge, call_kwargs: dict, prompts: Sequenc
     """Digits-FID and prompt agreement of ``pipe(prompt, **call_kwargs)`` on the held-out prompts (image i seeded
     ``seed + i``). Returns the scores and the uint8 images."""
     prompts = list(prompts) if prompts is not None else cycle_prompts(data.eval_prompts(), num_images)
-    images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc, **call_kwargs)
-    return judge.score(images, prompts), images
+    meter = ForwardMeter(pipe.unet)
+    with meter.counting():  # UNet evaluations counted by a hook, not assumed
+        images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc,
+                          **call_kwargs)
+    nfe = meter.samples / len(prompts)
+    return {**judge.score(images, prompts), "nfe": int(nfe) if nfe == int(nfe) else round(nfe, 2)}, images
 
 
 def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequence[int] = (1, 2, 4),
                   num_images: int = 1000, batch_size: int = 500, seed: int = 0, judge: DigitsJudge | None = None,
-                  progress: bool = True) -> tuple[list[dict], torch.Tensor]:
-    """A stepdistill output, loaded the stock way (weights + the recipe's scheduler), at several step counts on
-    the held-out prompts. Returns the rows and one grid row (digits 0-9) per step count."""
+                  progress: bool = True, guidance_scales: Sequence[float] | None = None
+                  ) -> tuple[list[dict], torch.Tensor]:
+    """A stepdistill output, loaded the stock way (weights + the recipe's scheduler), at several step counts (and
+    guidance scales: the recipe's by default) on the held-out prompts. Returns the rows and one grid row (digits
+    0-9) per setting; NFE is counted by a hook on the UNet."""
     from diffusers import StableDiffusionPipeline
 
-    from ..outputs import output_kind
     from ..recipe import Recipe, load
 
     recipe = Recipe.load(student_dir)
@@ -143,20 +147,19 @@ def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequenc
     judge = judge or DigitsJudge.from_world(world_dir)
     prompts = cycle_prompts(data.eval_prompts(), num_images)
     rows, grids = [], []
-    for n in steps:
-        kwargs = recipe.call_kwargs()
-        kwargs.pop("timesteps", None)
-        kwargs["num_inference_steps"] = n
-        if recipe.timesteps and len(recipe.timesteps) == n:
-            kwargs.pop("num_inference_steps")
-            kwargs["timesteps"] = list(recipe.timesteps)
-        scores, images = score_pipeline(pipe, judge, kwargs, prompts, batch_size=batch_size, seed=seed,
-                                        progress=progress, desc=f"{recipe.method} {n} steps")
-        cfg = recipe.guidance_scale > 1 and not getattr(pipe.unet.config, "time_cond_proj_dim", None)
-        per_step = output_kind(recipe.adapter).unet_evals_per_step(recipe) * (2 if cfg else 1)
-        rows.append({"sampler": f"{recipe.method} ({recipe.scheduler})", "steps": n,
-                     "guidance_scale": recipe.guidance_scale, "nfe": n * per_step, **scores})
-        grids.append(_one_per_digit(images, prompts))
+    for w in guidance_scales or [recipe.guidance_scale]:
+        for n in steps:
+            kwargs = recipe.call_kwargs()
+            kwargs.pop("timesteps", None)
+            kwargs["num_inference_steps"], kwargs["guidance_scale"] = n, w
+            if recipe.timesteps and len(recipe.timesteps) == n:
+                kwargs.pop("num_inference_steps")
+                kwargs["timesteps"] = list(recipe.timesteps)
+            scores, images = score_pipeline(pipe, judge, kwargs, prompts, batch_size=batch_size, seed=seed,
+                                            progress=progress, desc=f"{recipe.method} {n} steps, w {w:g}")
+            rows.append({"sampler": f"{recipe.method} ({recipe.scheduler})", "steps": n, "guidance_scale": w,
+                         **scores})
+            grids.append(_one_per_digit(images, prompts))
     return rows, torch.cat(grids)
 
 
