@@ -60,7 +60,13 @@ def _toy_quality(args) -> None:
         if args.grid:
             from .toy.evaluate import teacher_grid_row
 
-            save_grid(torch_cat([teacher_grid_row(args.model, args.seed), grid]), args.grid, nrow=10)
+            teacher = [teacher_grid_row(args.model, args.seed, steps[0], w) for w in scales]
+            student = list(grid.split(10))
+            if len(student_steps) == 1 and student_scales == scales:  # rows: CFG at w, then the student at w
+                rows_ = [r for pair in zip(teacher, student) for r in pair]
+            else:
+                rows_ = teacher + student
+            save_grid(torch_cat(rows_), args.grid, nrow=10)
     print(format_table(result))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))

@@ -221,3 +221,29 @@ def test_cli_makes_and_resumes_and_checks_the_folder_before_loading(tiny_sd_path
     monkeypatch.setattr(Teacher, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(StepdistillError, match="were made with steps=2, not steps=4"):
         run_cli(argv + ["--trajectory_steps", "4"])
+
+
+def test_stored_targets_are_what_the_sampler_stepped_with(sd, tmp_path):
+    """An independent hook on the sampler (the scheduler's step, wrapped before the store wraps it) sees exactly the
+    model outputs that the store keeps as targets, step by step, and the latents it steps from."""
+    base, pipe = sd
+    seen = []
+    original = pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, *args, **kwargs):
+        seen.append((int(timestep), model_output.detach().clone()))
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = spy
+    try:
+        spec = make_spec(pipe, base, num_trajectories=2, batch_size=2)
+        make_trajectories(pipe, PROMPTS, tmp_path / "t", spec, progress=False)
+    finally:
+        del pipe.scheduler.step
+    states = load_states(tmp_path / "t", spec)
+    steps = states.steps
+    assert len(seen) == steps
+    for s, (t, output) in enumerate(seen):
+        got = states.get(torch.tensor([s, steps + s]))  # trajectory 0 and 1 at step s
+        assert torch.equal(got["t"], torch.tensor([t, t]))
+        assert torch.equal(got["target"], output.float())
