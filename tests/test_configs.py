@@ -11,7 +11,8 @@ from stepdistill.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"
-METHOD_OF = {"lcm_lora": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step": "dmd2", "sid": "sid", "sid_4step": "sid"}
+METHOD_OF = {"lcm_lora": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step": "dmd2", "sid": "sid", "sid_4step": "sid",
+             "agd": "agd"}
 
 
 def test_every_shipped_config_is_covered():
@@ -41,3 +42,9 @@ def test_sid_configs_learn_from_prompts_and_use_images_only_for_the_gan(name, st
     assert config.prompts_file and config.gan and config.train_data_dir == "builtin:tiny-digits"
     assert config.init_noise == "unit"  # so the stock LCMScheduler call reproduces the training sampler
     assert sid_timesteps(config.init_timestep, config.num_steps) == steps
+
+
+def test_agd_config_covers_the_guidance_scales_it_is_scored_at():
+    config = parse_config(get_method("agd").config_class, ["--config", str(CONFIGS / "agd.yaml"), "--output_dir", "unused"])
+    lo, hi = config.guidance_range
+    assert lo <= 1 and hi >= 5 and config.trajectory_steps == 25  # scored at w = 1, 2, 3, 5 and 25 steps
