@@ -215,7 +215,7 @@ def test_cli_makes_and_resumes_and_checks_the_folder_before_loading(tiny_sd_path
     run_cli(argv)
     assert "3 trajectories x 2 steps in" in capsys.readouterr().out
     states = load_states(tmp_path / "t")
-    assert len(states) == 6 and states.spec.guidance_range == (1.0, 8.0) and states.spec.resolution is None
+    assert len(states) == 6 and states.spec.guidance_range == (1.0, 8.0) and states.spec.resolution == 16  # the pipeline's own size, filled in
     from stepdistill.teacher import Teacher
 
     monkeypatch.setattr(Teacher, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))

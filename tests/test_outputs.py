@@ -52,11 +52,11 @@ def test_model_cards_are_unchanged():
 
 
 def test_builtin_kinds_and_unknown_ones():
-    assert {"lora", "full_unet"} <= set(outputs.known_kinds())
-    for name in ("lora", "full_unet"):
+    assert {"lora", "full_unet", "agd"} <= set(outputs.known_kinds())
+    for name in ("lora", "full_unet", "agd"):
         assert output_kind(name).name == name and output_kind(name).unet_evals_per_step(LORA_RECIPE) == 1
-    with pytest.raises(StepdistillError, match="unknown adapter 'agd'; expected one of lora, full_unet"):
-        output_kind("agd")
+    with pytest.raises(StepdistillError, match="unknown adapter 'msd'; expected one of lora, full_unet, agd"):
+        output_kind("msd")
     assert LORA_RECIPE.call_kwargs() == {"guidance_scale": 1.0, "num_inference_steps": 4}
     assert FULL_RECIPE.call_kwargs() == {"guidance_scale": 1.0, "timesteps": [625]}
 
