@@ -139,3 +139,27 @@ def test_bad_input_is_one_line(argv, message, tiny_sd_path, prompts_file, tmp_pa
     assert run("agd", agd_args(tiny_sd_path, tmp_path / "out", prompts_file) + argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
+
+
+def test_two_processes_equal_one_with_the_doubled_batch(tiny_sd_path, prompts_file, tmp_path):
+    """torchrun --nproc_per_node 2 (MULTI_CPU): rank 0 makes the trajectories, both draw their slice of the global
+    batch of states; the losses and the adapters equal a single process with the doubled batch."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, read_logs
+    from safetensors.torch import load_file
+
+    shared = dict(trajectory_dir=str(tmp_path / "trajectories"), max_train_steps=3)
+    assert run("agd", agd_args(tiny_sd_path, tmp_path / "one", prompts_file, train_batch_size=8, **shared)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+           str(REPO / "train_scripts/train_agd.py"),
+           *agd_args(tiny_sd_path, tmp_path / "two", prompts_file, train_batch_size=4, **shared)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["loss"] for r in read_logs(tmp_path / "one")] == pytest.approx(
+        [r["loss"] for r in read_logs(tmp_path / "two")], rel=1e-5)
+    one, two = (load_file(str(tmp_path / d / "agd_adapters.safetensors")) for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4  # all-reduce rounding, lr 1e-2
