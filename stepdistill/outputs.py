@@ -9,6 +9,7 @@ students) is one :class:`OutputKind` subclass and one :func:`register_output` ca
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +164,52 @@ class AGDOutput(OutputKind):
                 "pipe = stepdistill.load(pipe, student_dir)  # then pipe(prompt, guidance_scale=w): one UNet pass per step")
 
 
-for _kind in (LoraOutput(), FullUNetOutput(), AGDOutput()):
+class MSDOutput(OutputKind):
+    """K students (each a stepdistill LoRA output in ``students/k``) and the router: ``stepdistill.load`` returns a
+    pipeline that routes every prompt of a call to its student (``stepdistill.msd.routed``)."""
+
+    name = "msd"
+    INDEX = "msd.json"
+
+    def save(self, student, output_dir, pipeline_class):
+        dirs = [Path(d).resolve().relative_to(Path(output_dir).resolve()).as_posix() for d in student.student_dirs]
+        if len(dirs) != student.router.num_students:
+            raise StepdistillError(f"{len(dirs)} students for a router of {student.router.num_students}")
+        student.router.save(output_dir)
+        (Path(output_dir) / self.INDEX).write_text(json.dumps({"students": dirs}, indent=1) + "\n")
+
+    def load(self, pipe, output_dir, recipe, adapter_name):
+        from .msd.partition import Router
+        from .msd.routed import RoutedPipeline
+        from .recipe import Recipe
+
+        self._require(output_dir, self.INDEX, "MSD students")
+        dirs = [Path(output_dir) / d for d in json.loads((Path(output_dir) / self.INDEX).read_text())["students"]]
+        router = Router.load(output_dir)
+        if router.num_students != len(dirs):
+            raise StepdistillError(f"{output_dir}: the router routes to {router.num_students} students but "
+                                   f"{len(dirs)} are on disk; the output is incomplete or mixed up")
+        names = []
+        for k, d in enumerate(dirs):
+            student = Recipe.load(d)
+            if student.base_model != recipe.base_model:
+                raise StepdistillError(f"{d}: student {k} was trained from {student.base_model}, the others from "
+                                       f"{recipe.base_model}; all students of an MSD output share one base model")
+            if student.adapter != "lora":
+                raise StepdistillError(f"{d}: student {k} is a {student.adapter} output; routed loading takes LoRA "
+                                       "students (load full-UNet students one by one with stepdistill.load)")
+            names.append(f"{adapter_name}_student_{k}")
+            with warnings.catch_warnings():  # K adapters on one UNet is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                output_kind("lora").load(pipe, d, student, names[-1])
+        return RoutedPipeline(pipe, router, names)
+
+    def card_load_lines(self, recipe):
+        return ("import stepdistill  # routes each prompt to its student\n"
+                "pipe = stepdistill.load(pipe, student_dir)")
+
+
+for _kind in (LoraOutput(), FullUNetOutput(), AGDOutput(), MSDOutput()):
     register_output(_kind)
 
 

@@ -55,16 +55,16 @@ def test_builtin_kinds_and_unknown_ones():
     assert {"lora", "full_unet", "agd"} <= set(outputs.known_kinds())
     for name in ("lora", "full_unet", "agd"):
         assert output_kind(name).name == name and output_kind(name).unet_evals_per_step(LORA_RECIPE) == 1
-    with pytest.raises(StepdistillError, match="unknown adapter 'msd'; expected one of lora, full_unet, agd"):
-        output_kind("msd")
+    with pytest.raises(StepdistillError, match="unknown adapter 'dmd3'; expected one of lora, full_unet, agd, msd"):
+        output_kind("dmd3")
     assert LORA_RECIPE.call_kwargs() == {"guidance_scale": 1.0, "num_inference_steps": 4}
     assert FULL_RECIPE.call_kwargs() == {"guidance_scale": 1.0, "timesteps": [625]}
 
 
 def test_recipe_with_an_unregistered_adapter_is_refused(tmp_path):
-    raw = {**json.loads(json.dumps(LORA_RECIPE.__dict__)), "adapter": "msd"}
+    raw = {**json.loads(json.dumps(LORA_RECIPE.__dict__)), "adapter": "dmd3"}
     (tmp_path / RECIPE_NAME).write_text(json.dumps(raw))
-    with pytest.raises(StepdistillError, match=r"stepdistill\.json: unknown adapter 'msd'; expected one of lora"):
+    with pytest.raises(StepdistillError, match=r"stepdistill\.json: unknown adapter 'dmd3'; expected one of lora"):
         Recipe.load(tmp_path)
 
 
