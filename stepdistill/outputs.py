@@ -144,11 +144,11 @@ class AGDOutput(OutputKind):
     def load(self, pipe, output_dir, recipe, adapter_name):
         from safetensors.torch import load_file
 
-        from .agd.adapters import AGDAdapters, unet_signature
+        from .agd.adapters import AGDAdapters, adapter_layout
 
         self._require(output_dir, self.WEIGHTS, "AGD adapters")
         config = json.loads((Path(output_dir) / self.CONFIG).read_text())
-        if unet_signature(pipe.unet) != config["signature"]:
+        if adapter_layout(pipe.unet) != config["signature"]:
             raise StepdistillError(f"{output_dir}: AGD adapters trained for {recipe.base_model} do not fit the UNet "
                                    f"of {pipe.name_or_path or type(pipe).__name__} (other cross-attention layout or "
                                    "widths); load them into a pipeline of the same base model")

@@ -17,6 +17,7 @@ change. Two ways to feed w:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -49,11 +50,17 @@ class ScalarEncoder(nn.Module):
         return self.norm(self.mlp(features))
 
 
-def position_encoding(length: int, dim: int, device, max_period: float = 10000.0) -> torch.Tensor:
-    """The fixed sinusoidal encoding added to the context tokens (official PositionalEncoding)."""
-    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    div = torch.exp(-math.log(max_period) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+@functools.lru_cache(maxsize=16)
+def _position_encoding(length: int, dim: int, max_period: float) -> torch.Tensor:
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(-math.log(max_period) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     return torch.cat([torch.sin(position * div), torch.cos(position * div)], dim=-1)
+
+
+def position_encoding(length: int, dim: int, device, max_period: float = 10000.0) -> torch.Tensor:
+    """The fixed sinusoidal encoding added to the context tokens (official PositionalEncoding); computed once per
+    (length, width), not in every adapter call."""
+    return _position_encoding(length, dim, max_period).to(device)
 
 
 class GuidanceAdapter(nn.Module):
@@ -93,7 +100,7 @@ def cross_attention_paths(unet) -> list[str]:
     return [name for name, _ in unet.named_modules() if name.endswith(".attn2")]
 
 
-def unet_signature(unet) -> dict:
+def adapter_layout(unet) -> dict:
     """What adapters depend on: the cross-attentions' paths and widths, the time-embedding and prompt widths."""
     return {"attn2": {p: int(unet.get_submodule(p).to_q.in_features) for p in cross_attention_paths(unet)},
             "time_dim": int(unet.time_embedding.linear_2.out_features),
@@ -116,7 +123,7 @@ class AGDAdapters(nn.Module):
     def __init__(self, unet, hidden_dim: int = 320, mlp_ratio: float = 4.0,
                  guidance_range: tuple[float, float] | None = None):
         super().__init__()
-        sig = unet_signature(unet)
+        sig = adapter_layout(unet)
         if not sig["attn2"]:
             raise StepdistillError(f"{type(unet).__name__} has no cross-attention (attn2): AGD needs a text UNet")
         self.signature, self.hidden_dim, self.mlp_ratio = sig, hidden_dim, mlp_ratio
