@@ -30,6 +30,10 @@ def train_from_argv(method, argv: list[str] | None = None, prog: str | None = No
     from .config import parse_config
     from .trainer import Trainer
 
+    if method == "msd":  # K students and a router: an orchestration of the DM trainers (stepdistill.msd.train)
+        from .msd.train import train_msd_from_argv
+
+        return train_msd_from_argv(argv, prog=prog or "train_msd.py")
     method_cls = _method_class(method)
     config = parse_config(method_cls.config_class, argv, prog=prog or f"train_{method_cls.name}.py")
     return Path(Trainer(config, method_cls).train())
@@ -37,7 +41,8 @@ def train_from_argv(method, argv: list[str] | None = None, prog: str | None = No
 
 def train(method: str, config: str | Path | None = None, output_dir: str | Path | None = None,
           **options: Any) -> Path:
-    """Train ``method`` ("lcm", "tscd", "dmd2", "sid": ``stepdistill.methods.METHODS``) and return the output
+    """Train ``method`` ("lcm", "tscd", "dmd2", "sid", "agd", "tsm": ``stepdistill.methods.METHODS``; or "msd", K
+    students of "dmd2"/"sid" and a router) and return the output
     directory (weights, ``stepdistill.json``, model card, logs).
 
     ``config`` is a YAML file of options; ``options`` override it, by the command-line names

@@ -104,11 +104,12 @@ def train_command(argv: list[str]) -> int:
     from .methods import METHODS
 
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: {TRAIN_USAGE}\n\nTrain a distillation method; METHOD is one of {', '.join(METHODS)}.\n"
+        print(f"usage: {TRAIN_USAGE}\n\nTrain a distillation method; METHOD is one of {', '.join(METHODS)}, msd.\n"
               "`stepdistill train METHOD --help` lists that method's options.")
         return 0
     if not argv or argv[0].startswith("-"):
-        print(f"error: name a method first: {TRAIN_USAGE}, METHOD one of {', '.join(METHODS)}", file=sys.stderr)
+        print(f"error: name a method first: {TRAIN_USAGE}, METHOD one of {', '.join(METHODS)}, msd",
+              file=sys.stderr)
         return 2
     return train_main(argv[0], argv[1:], prog=f"stepdistill train {argv[0]}")
 

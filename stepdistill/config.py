@@ -71,6 +71,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint directory")
     report_to: str | None = option(None, "tensorboard | wandb", choices=(None, "tensorboard", "wandb"))
     validation_steps: int = option(0, "write a sample grid every N iterations (0: only at the end)")
+    save_output_steps: list[int] = option([], "also write the complete output at these iterations, into "
+                                              "output_dir/snapshots/step-N (budget curves from one run: with a "
+                                              "constant learning rate a snapshot is the output of the shorter run)")
     validation_prompts: list[str] = option([], "prompts of the validation grid, e.g. 'a cat|a dog' (default: the "
                                                "first 8 training captions)")
     dataloader_num_workers: int = option(0, "worker processes that load images")

@@ -160,8 +160,9 @@ def _webdataset(pattern: str, caption_column: str) -> list[Sample]:
     return samples
 
 
-def build_dataset(config, resolution: int, need_images: bool) -> ImageCaptionDataset:
-    """The dataset named by the config (exactly one source), validated before any training work."""
+def build_dataset(config, resolution: int, need_images: bool, keep=None) -> ImageCaptionDataset:
+    """The dataset named by the config (exactly one source), validated before any training work. ``keep``
+    (caption → bool) selects a part of it (an MSD student's prompts), before --max_train_samples applies."""
     sources = {k: getattr(config, k) for k in ("train_data_dir", "dataset_name", "train_shards", "prompts_file")
                if getattr(config, k, None)}
     image_sources = {k: v for k, v in sources.items() if k != "prompts_file"}
@@ -182,6 +183,10 @@ def build_dataset(config, resolution: int, need_images: bool) -> ImageCaptionDat
         if "prompts_file" not in sources:
             raise StepdistillError("pass --prompts_file (one prompt per line) or an image source")
         samples = [Sample(p) for p in read_prompts(sources["prompts_file"])]
+    if keep is not None:
+        samples = [s for s in samples if keep(s.caption)]
+        if not samples:
+            raise StepdistillError("no sample of the data belongs to this part of the partition")
     if config.max_train_samples:
         samples = samples[: config.max_train_samples]
     dataset = ImageCaptionDataset(samples, resolution, config.max_bad_images)

@@ -165,14 +165,18 @@ class AGDOutput(OutputKind):
 
 
 class MSDOutput(OutputKind):
-    """K students (each a stepdistill LoRA output in ``students/k``) and the router: ``stepdistill.load`` returns a
-    pipeline that routes every prompt of a call to its student (``stepdistill.msd.routed``)."""
+    """K students (each a stepdistill LoRA or full-UNet output, ``students/k``) and the router: ``stepdistill.load``
+    returns a pipeline that routes every prompt of a call to its student (``stepdistill.msd.routed``). ``msd.json``
+    names the students' folders relative to the output (a snapshot's point into the students' snapshots)."""
 
     name = "msd"
     INDEX = "msd.json"
 
     def save(self, student, output_dir, pipeline_class):
-        dirs = [Path(d).resolve().relative_to(Path(output_dir).resolve()).as_posix() for d in student.student_dirs]
+        import os
+
+        dirs = [Path(os.path.relpath(Path(d).resolve(), Path(output_dir).resolve())).as_posix()
+                for d in student.student_dirs]
         if len(dirs) != student.router.num_students:
             raise StepdistillError(f"{len(dirs)} students for a router of {student.router.num_students}")
         student.router.save(output_dir)
@@ -189,19 +193,26 @@ class MSDOutput(OutputKind):
         if router.num_students != len(dirs):
             raise StepdistillError(f"{output_dir}: the router routes to {router.num_students} students but "
                                    f"{len(dirs)} are on disk; the output is incomplete or mixed up")
-        names = []
-        for k, d in enumerate(dirs):
-            student = Recipe.load(d)
+        students = [Recipe.load(d) for d in dirs]
+        for k, (d, student) in enumerate(zip(dirs, students)):
             if student.base_model != recipe.base_model:
                 raise StepdistillError(f"{d}: student {k} was trained from {student.base_model}, the others from "
                                        f"{recipe.base_model}; all students of an MSD output share one base model")
-            if student.adapter != "lora":
-                raise StepdistillError(f"{d}: student {k} is a {student.adapter} output; routed loading takes LoRA "
-                                       "students (load full-UNet students one by one with stepdistill.load)")
-            names.append(f"{adapter_name}_student_{k}")
+            if student.adapter not in ("lora", "full_unet") or student.adapter != students[0].adapter:
+                raise StepdistillError(f"{d}: student {k} is a {student.adapter} output, student 0 a "
+                                       f"{students[0].adapter} one; routed loading takes K LoRA or K full-UNet "
+                                       "students")
+        if students[0].adapter == "full_unet":  # each student its own UNet, swapped in per group of prompts
+            from diffusers import UNet2DConditionModel
+
+            unets = [UNet2DConditionModel.from_pretrained(d / UNET_DIR, torch_dtype=pipe.unet.dtype)
+                     .to(pipe.unet.device) for d in dirs]
+            return RoutedPipeline(pipe, router, unets=unets)
+        names = [f"{adapter_name}_student_{k}" for k in range(len(dirs))]
+        for d, student, name in zip(dirs, students, names):
             with warnings.catch_warnings():  # K adapters on one UNet is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                output_kind("lora").load(pipe, d, student, names[-1])
+                output_kind("lora").load(pipe, d, student, name)
         return RoutedPipeline(pipe, router, names)
 
     def card_load_lines(self, recipe):

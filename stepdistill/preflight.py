@@ -32,6 +32,10 @@ def preflight(config, method_cls) -> None:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise StepdistillError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    bad = [s for s in getattr(config, "save_output_steps", []) if not 0 < s <= config.max_train_steps]
+    if bad:
+        raise StepdistillError(f"--save_output_steps {bad}: steps must lie in 1..--max_train_steps "
+                               f"({config.max_train_steps})")
     _check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
     check_resolution(config)

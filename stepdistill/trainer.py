@@ -32,7 +32,10 @@ def _lr_scheduler(name: str, optimizer, warmup: int, total: int):
 
 
 class Trainer:
-    def __init__(self, config, method_cls):
+    """``keep`` (caption → bool), when given, trains on a part of the data only (an MSD student's part): its samples,
+    and the validation prompts it accepts."""
+
+    def __init__(self, config, method_cls, keep=None):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -60,7 +63,9 @@ class Trainer:
         self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
                                                device=acc.device, revision=config.revision)
         self.resolution = config.resolution  # set and checked by preflight
-        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config))
+        self.keep = keep
+        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
+                                     keep=keep)
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher)
         if config.gradient_checkpointing:
@@ -140,6 +145,21 @@ class Trainer:
             logger.info("saved %s", path)
         acc.wait_for_everyone()
 
+    def _save_snapshot(self) -> None:
+        """The complete output as it stands (``snapshots/step-N``), written atomically: a folder that exists is
+        whole."""
+        import shutil
+
+        if not self.accelerator.is_main_process:
+            return
+        final = self.output_dir / "snapshots" / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.method.save_output(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        logger.info("output snapshot: %s", final)
+
     def _restore(self, path: Path) -> None:
         step, modules, _ = load_checkpoint(path, optimizers=self.optimizers, schedulers=self.schedulers)
         for name, net in self.method.networks.items():
@@ -199,6 +219,8 @@ class Trainer:
                 self._save_checkpoint()
             if config.validation_steps and self.step % config.validation_steps == 0:
                 self.validate()
+            if self.step in config.save_output_steps and self.step < config.max_train_steps:
+                self._save_snapshot()
         bar.close()
         self._save_checkpoint()
         return self.finish()
@@ -236,7 +258,7 @@ class Trainer:
             self.accelerator.log(logs, step=self.step)
 
     def validation_prompts(self) -> list[str]:
-        prompts = list(self.config.validation_prompts or [])
+        prompts = [p for p in self.config.validation_prompts or [] if self.keep is None or self.keep(p)]
         if not prompts:
             prompts = list(dict.fromkeys(s.caption for s in self.dataset.samples))[:8]
         return prompts

@@ -23,8 +23,9 @@ class ForwardMeter:
     """Counts a module's forward passes in samples (a CFG UNet call on 2B latents counts 2B) and, with ``time_it``,
     their wall time (CUDA synchronised)."""
 
-    def __init__(self, module: nn.Module, time_it: bool = False):
-        self.module, self.time_it = module, time_it
+    def __init__(self, module: nn.Module | Sequence[nn.Module], time_it: bool = False):
+        self.modules = list(module) if isinstance(module, (list, tuple)) else [module]
+        self.module, self.time_it = self.modules[0], time_it
         self.samples = 0
         self.seconds = 0.0
         self._start = 0.0
@@ -44,13 +45,18 @@ class ForwardMeter:
 
     @contextmanager
     def counting(self):
-        handles = [self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
-                   self.module.register_forward_hook(self._post, with_kwargs=True)]
+        handles = [h for m in self.modules for h in (m.register_forward_pre_hook(self._pre, with_kwargs=True),
+                                                     m.register_forward_hook(self._post, with_kwargs=True))]
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+
+
+def sampling_unets(pipe) -> list[nn.Module]:
+    """The UNets a pipeline samples with: its own, or a routed MSD pipeline's K full-UNet students."""
+    return list(getattr(pipe, "unets", None) or [pipe.unet])
 
 
 def _sync(module: nn.Module) -> None:
@@ -83,7 +89,7 @@ class Sampler:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._negative: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.counter = ForwardMeter(pipe.unet, time_it=time_unet)
+        self.counter = ForwardMeter(sampling_unets(pipe), time_it=time_unet)
         pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -131,6 +137,8 @@ class Sampler:
         kwargs = {**self.call_kwargs, **overrides}
         if self.cache_prompts:
             prompt_kwargs = self.embed_kwargs(prompts, float(kwargs.get("guidance_scale", 1.0)) > 1.0)
+            if getattr(type(self.pipe), "routes_prompts", False):  # an MSD pipeline routes by the prompt text
+                prompt_kwargs["routing_prompts"] = list(prompts)
         else:
             prompt_kwargs = {"prompt": list(prompts)}
         # CPU generators: diffusers draws the noise on the CPU and moves it, so image i is the same on any device

@@ -12,8 +12,9 @@ from .dmd2 import DMD2
 from .lcm import LCM
 from .sid import SiD
 from .tscd import TSCD
+from .tsm import TSM
 
-METHODS: dict[str, type[DistillationMethod]] = {cls.name: cls for cls in (LCM, TSCD, DMD2, SiD, AGD)}
+METHODS: dict[str, type[DistillationMethod]] = {cls.name: cls for cls in (LCM, TSCD, DMD2, SiD, AGD, TSM)}
 
 
 def get_method(name: str) -> type[DistillationMethod]:

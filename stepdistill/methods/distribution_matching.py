@@ -18,6 +18,7 @@ import torch
 from ..config import TrainConfig, option
 from ..errors import StepdistillError
 from ..prompts import read_prompts
+from ..students import StudentShapeOptions, build_student_unet, check_student_options
 from ..teacher import Conditioning
 from .base import DistillationMethod, PhaseContext, PhaseOutput, ema_update
 from .losses import (DenoisingLoss, GeneratorLoss, ScorePair, gan_discriminator_loss, gan_generator_loss)
@@ -28,8 +29,10 @@ IMAGE_SOURCES = ("train_data_dir", "dataset_name", "train_shards")
 
 # ----------------------------------------------------------------------------------------------------- config
 @dataclass
-class DistributionMatchingConfig(TrainConfig):
-    """Options shared by the distribution-matching methods (generator, fake score, frozen teacher)."""
+class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
+    """Options shared by the distribution-matching methods (generator, fake score, frozen teacher). A generator of
+    its own shape (--student_channel_multiplier, --student_config, --student_init) is MSD's smaller student; the
+    fake score stays a copy of the teacher."""
 
     fake_score_learning_rate: float | None = option(None, "learning rate of the fake score and its GAN head "
                                                           "(default: --learning_rate)")
@@ -70,6 +73,7 @@ class DistributionMatchingConfig(TrainConfig):
             raise StepdistillError(f"--generator_ema_decay {self.generator_ema_decay}: must be in [0, 1)")
         if self.generator_ema_decay and self.use_lora:
             raise StepdistillError("--generator_ema_decay needs a full generator (--use_lora false)")
+        check_student_options(self)
 
 
 def check_timesteps(name: str, steps: list[int]) -> None:
@@ -133,7 +137,7 @@ class DistributionMatching(DistillationMethod):
         if c.gan:
             head = GANHead.for_unet(fake_unet, c.resolution // teacher.vae_scale_factor).to(teacher.device)
         self.networks["fake_score"] = FakeScore(fake_unet, head)
-        self.networks["generator"] = self.make_student()
+        self.networks["generator"] = build_student_unet(c, teacher.unet) or self.make_student()
         self.ema = None
         if c.generator_ema_decay:
             self.ema = copy.deepcopy(self.networks["generator"]).requires_grad_(False)

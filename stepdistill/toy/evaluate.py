@@ -12,7 +12,7 @@ import torch
 from ..errors import StepdistillError
 from ..evaluation.fid import extract_features, frechet_distance, stats_from_features
 from ..evaluation.images import save_grid
-from ..evaluation.sampler import ForwardMeter, cycle_prompts, generate
+from ..evaluation.sampler import ForwardMeter, cycle_prompts, generate, sampling_unets
 from . import data
 from .classifier import DigitsClassifier
 
@@ -123,7 +123,7 @@ def score_pipeline(pipe, judge: DigitsJudge, call_kwargs: dict, prompts: Sequenc
     """Digits-FID and prompt agreement of ``pipe(prompt, **call_kwargs)`` on the held-out prompts (image i seeded
     ``seed + i``). Returns the scores and the uint8 images."""
     prompts = list(prompts) if prompts is not None else cycle_prompts(data.eval_prompts(), num_images)
-    meter = ForwardMeter(pipe.unet)
+    meter = ForwardMeter(sampling_unets(pipe))
     with meter.counting():  # UNet evaluations counted by a hook, not assumed
         images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc,
                           **call_kwargs)
