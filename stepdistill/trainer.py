@@ -67,7 +67,7 @@ class Trainer:
         self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
                                      keep=keep)
         torch.manual_seed(config.seed)
-        self.method = method_cls(config, self.teacher)
+        self.method = method_cls(config, self.teacher, keep=keep)
         if config.gradient_checkpointing:
             for net in self.method.networks.values():
                 if hasattr(net, "enable_gradient_checkpointing"):

@@ -10,7 +10,7 @@ registered metrics and record the protocol that makes the numbers comparable.
 - ``bench``: what the sampler costs beyond its UNet evaluations; ``cli``: the command-line arguments
 """
 
-from .bench import bench_sampling, format_bench_table
+from .bench import bench_outputs, bench_sampling, format_bench_table, format_outputs_table
 from .captions import prompt_source, read_captions
 from .cli import add_eval_args, add_ref_stats_args, register
 from .clip import CLIP_SCALE, ClipMetric, ClipScore, build_tiny_clip, make_clip_score

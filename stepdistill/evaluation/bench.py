@@ -93,3 +93,55 @@ def format_bench_table(rows: list[dict], num_images: int, batch_size: int) -> st
                      f"{r['efficiency_with_decode']:.2f} | {r['unet_ms']:.2f} | {r['decode_ms']:.2f} | "
                      f"{r['other_ms']:.2f} |")
     return "\n".join(lines)
+
+
+def bench_outputs(model: str | Path, outputs: dict[str, str | Path | None], prompts: Sequence[str],
+                  num_images: int = 250, batch_size: int = 250, repeats: int = 3, progress: bool = True) -> list[dict]:
+    """Images per second of stepdistill outputs, each sampled with its own recipe through ``stepdistill.load`` and
+    the evaluation's :class:`Sampler` (``None``: the base model at 25 DDIM steps, CFG 3), beside the parameters of
+    the UNet that samples one image (an MSD output: one student's; ``all_parameters`` counts all K). Turns and the
+    fastest timed pass as in :func:`bench_sampling`."""
+    from diffusers import DDIMScheduler
+
+    from ..recipe import Recipe, load
+    from .sampler import sampling_unets
+
+    prompts = cycle_prompts(prompts, num_images)
+    runs = []
+    for name, out in outputs.items():
+        pipe = load_pipeline(str(model), torch.float32, "cpu")
+        if out is None:
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            call = {"num_inference_steps": 25, "guidance_scale": 3.0}
+        else:
+            pipe, call = load(pipe, out), Recipe.load(out).call_kwargs()
+        unets = sampling_unets(pipe)
+        per_image = batch_size // 2 if float(call.get("guidance_scale", 1)) > 1 else batch_size
+        runs.append((name, Sampler(pipe, call, time_unet=True), max(1, per_image),
+                     sum(p.numel() for p in unets[0].parameters()),
+                     sum(p.numel() for u in unets for p in u.parameters())))
+    best: list[dict | None] = [None] * len(runs)
+    for rep in range(repeats + 1):
+        for k, (name, sampler, b, _, _) in enumerate(runs):
+            sampler.counter.samples, sampler.counter.seconds = 0, 0.0
+            start = time.perf_counter()
+            for s in range(0, num_images, b):
+                sampler(prompts[s:s + b], range(s, min(s + b, num_images)))
+            run = {"seconds": time.perf_counter() - start, "unet_seconds": sampler.counter.seconds,
+                   "nfe": sampler.counter.samples / num_images}
+            if rep > 0 and (best[k] is None or run["seconds"] < best[k]["seconds"]):
+                best[k] = run
+            if progress:
+                logger.info("pass %d, %s: %.2f s", rep, name, run["seconds"])
+    return [{"output": name, "parameters": params, "all_parameters": total, **b,
+             "images_per_second": num_images / b["seconds"], "unet_ms": b["unet_seconds"] * 1e3 / num_images}
+            for (name, _, _, params, total), b in zip(runs, best)]
+
+
+def format_outputs_table(rows: list[dict]) -> str:
+    lines = ["| output | UNet parameters (per image) | all students | NFE/image | images/s | UNet ms/image |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['output']} | {r['parameters'] / 1e6:.3f} M | {r['all_parameters'] / 1e6:.3f} M | "
+                     f"{r['nfe']:g} | {r['images_per_second']:.1f} | {r['unet_ms']:.3f} |")
+    return "\n".join(lines)

@@ -84,7 +84,8 @@ class Sampler:
                  time_unet: bool = False):
         self.pipe = pipe
         self.cache_prompts = cache_prompts
-        self.kind = check_supported(type(pipe).__name__, type(pipe).__name__) if cache_prompts else None
+        base = getattr(pipe, "pipe", pipe)  # a routed MSD pipeline wraps a stock one
+        self.kind = check_supported(type(base).__name__, type(base).__name__) if cache_prompts else None
         self.call_kwargs = dict(call_kwargs)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()

@@ -56,9 +56,10 @@ class DistillationMethod:
         """Whether this run needs an image dataset (a method may need images only for an optional loss)."""
         return cls.needs_images
 
-    def __init__(self, config, teacher: Teacher):
+    def __init__(self, config, teacher: Teacher, keep=None):
         self.config = config
         self.teacher = teacher
+        self.keep = keep  # caption → bool: the part of the prompts this run trains on (an MSD student), or None
         self.networks: dict[str, nn.Module] = {}  # optimiser name → trainable module (as built, never wrapped)
         self.build()
 

@@ -143,7 +143,9 @@ class DistributionMatching(DistillationMethod):
             self.ema = copy.deepcopy(self.networks["generator"]).requires_grad_(False)
         self.prompts = None
         if c.prompts_file and c.image_sources():  # images feed the GAN; the generator's prompts come from the file
-            self.prompts = read_prompts(c.prompts_file)
+            self.prompts = [p for p in read_prompts(c.prompts_file) if self.keep is None or self.keep(p)]
+            if not self.prompts:
+                raise StepdistillError(f"--prompts_file {c.prompts_file}: no prompt belongs to this run's part")
             for i in range(0, min(len(self.prompts), 20_000), 256):
                 teacher.encode_prompt(self.prompts[i:i + 256], c.resolution)
 

@@ -65,15 +65,23 @@ class Router:
                                f"{[p for p, _ in self.patterns]}; add a pattern that covers it")
 
     def save(self, directory: str | Path) -> None:
+        """``router.json`` (+ ``router.safetensors``), each written to a temporary name and renamed: another process
+        of the same launch never reads half a router."""
+        import os
+
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / ROUTER_JSON).write_text(json.dumps({
+        if self.centroids is not None:
+            tmp = directory / f".{ROUTER_TENSORS}.{os.getpid()}"
+            save_file({"centroids": self.centroids.contiguous()}, str(tmp))
+            os.replace(tmp, directory / ROUTER_TENSORS)
+        tmp = directory / f".{ROUTER_JSON}.{os.getpid()}"
+        tmp.write_text(json.dumps({
             "kind": self.kind, "num_students": self.num_students, "assignments": self.assignments,
             "patterns": [list(p) for p in self.patterns]}, indent=1) + "\n")
-        if self.centroids is not None:
-            save_file({"centroids": self.centroids.contiguous()}, str(directory / ROUTER_TENSORS))
+        os.replace(tmp, directory / ROUTER_JSON)  # last: a router.json on disk has its tensors beside it
 
     @classmethod
     def load(cls, directory: str | Path) -> "Router":

@@ -156,10 +156,17 @@ class MSDTraining:
         self.output_dir = Path(config.output_dir)
         self.main_process = int(os.environ.get("RANK", "0")) == 0
         dataset = build_dataset(config, check_resolution(config), need_images=False)
-        self.captions = list(dict.fromkeys(s.caption for s in dataset.samples))
+        data_captions = list(dict.fromkeys(s.caption for s in dataset.samples))
+        # the prompts the students learn from: the prompt file's when images only feed the GAN, else the captions
+        from ..prompts import read_prompts
+
+        file_prompts = config.prompts_file and dataset.has_images
+        self.captions = list(dict.fromkeys(read_prompts(config.prompts_file))) if file_prompts else data_captions
         self.router = self._router()
         self.parts = dict(zip(self.captions, self.router.route(self.captions, None)))
-        extra = [p for p in config.validation_prompts if p not in self.parts]
+        # the real images' captions (GAN) and the validation prompts follow the router too
+        extra = list(dict.fromkeys(p for p in data_captions + list(config.validation_prompts)
+                                   if p not in self.parts))
         if extra:
             embed = _text_embedder(config) if self.router.kind == "kmeans" else None
             self.parts.update(zip(extra, self.router.route(extra, embed(extra) if embed else None)))
@@ -289,5 +296,6 @@ def train_msd_from_argv(argv: list[str] | None = None, prog: str | None = None) 
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = parse_config(msd_config_class(_peek_method(argv)), argv, prog=prog or "train_msd.py")
     return MSDTraining(config).train()
