@@ -12,7 +12,7 @@ from stepdistill.preflight import preflight
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"
 METHOD_OF = {"lcm_lora": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step": "dmd2", "sid": "sid", "sid_4step": "sid",
-             "agd": "agd"}
+             "agd": "agd", "msd": "msd"}
 
 
 def test_every_shipped_config_is_covered():
@@ -22,9 +22,14 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("name", sorted(METHOD_OF))
 def test_shipped_config_passes_preflight(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name assets/ relative to the repository root, as the README runs them
-    method = get_method(METHOD_OF[name])
-    config = parse_config(method.config_class, ["--config", str(CONFIGS / f"{name}.yaml"),
-                                                 "--output_dir", str(tmp_path / "out")])
+    if METHOD_OF[name] == "msd":  # K students of a DM method: the method's options plus MSD's
+        from stepdistill.msd.train import msd_config_class
+
+        config_class, method = msd_config_class("dmd2"), get_method("dmd2")
+    else:
+        method = get_method(METHOD_OF[name])
+        config_class = method.config_class
+    config = parse_config(config_class, ["--config", str(CONFIGS / f"{name}.yaml"), "--output_dir", str(tmp_path / "out")])
     preflight(config, method)
     assert config.max_train_steps >= 1
 
@@ -48,3 +53,17 @@ def test_agd_config_covers_the_guidance_scales_it_is_scored_at():
     config = parse_config(get_method("agd").config_class, ["--config", str(CONFIGS / "agd.yaml"), "--output_dir", "unused"])
     lo, hi = config.guidance_range
     assert lo <= 1 and hi >= 5 and config.trajectory_steps == 25  # scored at w = 1, 2, 3, 5 and 25 steps
+
+
+def test_msd_config_is_the_single_dmd2_run_per_student():
+    """msd.yaml changes nothing but the partition: K = 1 is exactly dmd2.yaml (tests/test_msd_train.py shows that an
+    MSD run of one student equals the single run bit for bit)."""
+    import dataclasses
+
+    from stepdistill.msd.train import MSDOptions, msd_config_class
+
+    msd = parse_config(msd_config_class("dmd2"), ["--config", str(CONFIGS / "msd.yaml"), "--output_dir", "unused"])
+    dmd2 = parse_config(get_method("dmd2").config_class, ["--config", str(CONFIGS / "dmd2.yaml"), "--output_dir", "unused"])
+    own = {f.name for f in dataclasses.fields(MSDOptions)}
+    assert {f.name: getattr(msd, f.name) for f in dataclasses.fields(dmd2)} == dataclasses.asdict(dmd2)
+    assert msd.num_students == 4 and msd.partition == "classes" and len(msd.partition_classes) == 10 and own
