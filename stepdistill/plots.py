@@ -41,3 +41,42 @@ def plot_losses(log_file: str | Path, out_path: str | Path, width: int = 360, he
         draw.text((2, y1 - 10), f"{lo:.3g}", fill="gray")
     canvas.save(out_path)
     return Path(out_path)
+
+
+def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Path, title: str, xlabel: str,
+                ylabel: str, width: int = 420, height: int = 260) -> Path:
+    """Line chart of a few named series of (x, y) points, with the values printed at the points (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    colors = ["navy", "darkred", "darkgreen", "darkorange", "purple"]
+    points = [p for s in series.values() for p in s]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
+    pad = 0.08 * ((yhi - ylo) or 1.0)
+    ylo, yhi = ylo - pad, yhi + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x0, x1, y0, y1 = 50, width - 20, 30, height - 60
+
+    def at(x, y):
+        return (x0 + (x - xlo) / ((xhi - xlo) or 1.0) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+
+    draw.rectangle([x0, y0, x1, y1], outline="gray")
+    draw.text((x0, 8), title, fill="black")
+    draw.text((x0, y1 + 22), xlabel, fill="black")
+    draw.text((2, y0 - 14), ylabel, fill="black")
+    draw.text((2, y0), f"{yhi:.2f}", fill="gray")
+    draw.text((2, y1 - 10), f"{ylo:.2f}", fill="gray")
+    for x in sorted(set(xs)):
+        draw.text((at(x, ylo)[0] - 3, y1 + 4), f"{x:g}", fill="gray")
+    for i, (name, pts) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        xy = [at(x, y) for x, y in sorted(pts)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for (x, y), (px, py) in zip(sorted(pts), xy):
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+            draw.text((px + 4, py - 12), f"{y:.2f}", fill=color)
+        draw.text((x0 + 4 + 200 * (i % 2), y1 + 36 + 12 * (i // 2)), f"-- {name}", fill=color)
+    canvas.save(out_path)
+    return Path(out_path)

@@ -1,0 +1,42 @@
+"""The MSD budget curve on tiny-digits: digits-FID of K = 1, 2, 4 one-step students at equal total training compute
+(K students x N/K iterations) and at equal iterations per student (K x N), from `stepdistill toy quality
+--output_json` files; prints the table and writes the plot.
+
+    python eval/msd_curve.py --teacher_fid 7.060 --plot assets/figures/msd_curve.png \
+        "equal compute:1:2000:runs/dmd2.json" "equal compute:2:1000:runs/msd_k2_1000.json" ...
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# running the file directly puts eval/ on sys.path, not the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepdistill.plots import plot_series  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", nargs="+", help="SERIES:K:ITERATIONS_PER_STUDENT:QUALITY_JSON")
+    parser.add_argument("--teacher_fid", type=float, required=True)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    series: dict[str, list[tuple[float, float]]] = {}
+    print("| series | K | iterations per student | total iterations | digits-FID | FID / teacher | prompt agreement |")
+    print("|---|---|---|---|---|---|---|")
+    for item in args.rows:
+        name, k, iterations, path = item.rsplit(":", 3)
+        row = next(r for r in json.loads(Path(path).read_text())["rows"] if r["nfe"] == 1)
+        k, iterations = int(k), int(iterations)
+        print(f"| {name} | {k} | {iterations} | {k * iterations} | {row['digits_fid']:.3f} | "
+              f"{row['digits_fid'] / args.teacher_fid:.2f}x | {100 * row['prompt_agreement']:.1f} % |")
+        series.setdefault(name, []).append((k, row["digits_fid"]))
+    if args.plot:
+        plot_series(series, args.plot, "MSD on tiny-digits: one step, digits-FID", "K (students)", "digits-FID")
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
