@@ -120,14 +120,21 @@ class DistillationMethod:
 
     @contextlib.contextmanager
     def teacher_mode(self):
-        """Inside: ``self.teacher.unet`` is the frozen teacher (LoRA adapters disabled when they share it)."""
+        """Inside: ``self.teacher.unet`` is the frozen teacher (LoRA adapters disabled when they share it). Gradient
+        checkpointing of the shared UNet pauses meanwhile: backward would recompute the teacher's forward with the
+        adapters back ON (a different graph: CheckpointError, or silently wrong gradients into x)."""
         unet = self.teacher.unet
         shared = self.config.use_lora and getattr(unet, "_hf_peft_config_loaded", False)
+        paused = shared and getattr(unet, "is_gradient_checkpointing", False)
         if shared:
             unet.disable_adapters()
+        if paused:
+            unet.disable_gradient_checkpointing()
         try:
             yield unet
         finally:
+            if paused:
+                unet.enable_gradient_checkpointing()
             if shared:
                 unet.enable_adapters()
 
