@@ -84,6 +84,7 @@ def test_every_diffusers_schedule_is_a_choice_and_builds():
     (["--lr_warmup_steps", "5"], "constant_with_warmup"),
     (["--lr_scheduler", "piecewise_constant"], "--lr_step_rules"),
     (["--lr_scheduler", "cosine", "--lr_step_rules", "1:3,0.1"], "--lr_step_rules"),
+    (["--lr_scheduler", "piecewise_constant", "--lr_step_rules", "1:x,0.1"], "multiplier:update"),
     (["--lr_scheduler", "cosine", "--lr_num_cycles", "3"], "cosine_with_restarts"),
     (["--lr_scheduler", "linear", "--lr_power", "2"], "polynomial"),
 ])
