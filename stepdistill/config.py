@@ -75,7 +75,10 @@ class TrainConfig:
     # LoRA
     use_lora: bool = option(True, "train a LoRA (false: the full UNet)")
     lora_rank: int = option(64, "LoRA rank")
-    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1). The adapter's update is "
+                                            "multiplied by alpha/rank; under Adam, whose steps do not grow with the "
+                                            "gradient, a smaller scale acts like a proportionally smaller learning "
+                                            "rate on the adapter's output (alpha 8 at rank 64: about 1/8 of it)")
     # checkpoints, logging, validation
     checkpointing_steps: int = option(500, "save a resumable checkpoint every N iterations")
     checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")

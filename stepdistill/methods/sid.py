@@ -35,7 +35,8 @@ def sid_timesteps(init_timestep: int, num_steps: int) -> list[int]:
 
 @dataclass
 class SiDConfig(DistributionMatchingConfig):
-    """Score identity Distillation (SiD, SiD-LSG, few-step SiD). Guidance uses the Imagen convention (1 = none)."""
+    """Score identity Distillation (SiD, SiD-LSG, few-step SiD). Guidance uses the Imagen convention (1 = none).
+    SiD-LSG trains the full generator (it has no LoRA recipe)."""
 
     alpha: float = option(1.0, "α of the generator loss (1 for SD; 1.2 in the EDM paper; 0.5-1 for new domains)")
     init_timestep: int = option(625, "t_init: the generator's first (for one step, only) timestep")
