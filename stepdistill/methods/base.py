@@ -141,6 +141,10 @@ class DistillationMethod:
     def conditioning(self, prompts: list[str], resolution: int | None = None) -> Conditioning:
         return self.teacher.encode_prompt(prompts, resolution or self.config.resolution).to(self.teacher.device)
 
+    def uncond(self, b: int) -> Conditioning:
+        """The empty prompt at the training resolution (SDXL's add_time_ids too)."""
+        return self.teacher.uncond(b, self.config.resolution).to(self.teacher.device)
+
     def clean_latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
         """z0 for the batch: a VAE posterior sample (from the cache, or encoded now)."""
         if "latent_mean" in batch:
