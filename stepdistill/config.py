@@ -204,7 +204,8 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
     for f in fields(config_class):
         tp = _field_type(f, config_class)
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        # argparse %-formats help texts: a literal "10 %" must be "10 %%"
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         parse = _scalar_parser(tp)
         if parse is _parse_bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")

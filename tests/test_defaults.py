@@ -103,6 +103,14 @@ def test_shipped_configs_train_without_warm_up_where_it_was_ignored():
 
 
 # ------------------------------------------------------------------------------ 4. LoRA scale
+def test_every_methods_help_renders():
+    """argparse %-formats help texts: "10 % warm-up" in a help text broke --help."""
+    from stepdistill.methods import METHODS
+
+    for name, cls in METHODS.items():
+        assert "--learning_rate" in build_parser(cls.config_class).format_help(), name
+
+
 def test_lora_alpha_help_says_what_it_does_to_the_learning_rate():
     for name in ("lcm", "tscd", "dmd2", "sid"):
         text = " ".join(build_parser(get_method(name).config_class).format_help().split())
