@@ -62,8 +62,8 @@ def check_lr_schedule(config) -> None:
         if not config.lr_step_rules:
             raise StepdistillError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. "
                                    "'1:100,0.1:200,0.01' (x1 before update 100, x0.1 before 200, then x0.01)")
-        from diffusers.optimization import get_piecewise_constant_schedule
         import torch
+        from diffusers.optimization import get_piecewise_constant_schedule
 
         try:  # the rules are parsed when the schedule is made
             get_piecewise_constant_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
