@@ -16,6 +16,11 @@ from typing import Any
 from .errors import StepdistillError
 
 
+# every value of diffusers.optimization.SchedulerType (tests/test_defaults.py compares the two)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+
+
 def option(default, help: str, choices: tuple | None = None, **kwargs):
     metadata = {"help": help}
     if choices:
@@ -50,9 +55,15 @@ class TrainConfig:
     train_batch_size: int = option(16, "batch size per process")
     gradient_accumulation_steps: int = option(1, "accumulate this many batches per optimiser step")
     learning_rate: float = option(1e-4, "learning rate of the student")
-    lr_scheduler: str = option("constant", "constant | cosine | linear (after warm-up)",
-                               choices=("constant", "cosine", "linear"))
-    lr_warmup_steps: int = option(0, "linear warm-up iterations")
+    lr_scheduler: str = option("constant", "a diffusers.optimization schedule; all but constant and "
+                                           "piecewise_constant start with --lr_warmup_steps of linear warm-up",
+                               choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "linear warm-up, in updates of each network (with constant: an error, use "
+                                     "constant_with_warmup, since diffusers' constant ignores it)")
+    lr_num_cycles: int | None = option(None, "cosine_with_restarts: the number of hard restarts (default 1)")
+    lr_power: float | None = option(None, "polynomial: the power of the decay (default 1, linear)")
+    lr_step_rules: str | None = option(None, "piecewise_constant: learning-rate multipliers and the update before "
+                                             "which each holds, then the last, e.g. '1:100,0.1:200,0.01'")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_weight_decay: float = option(0.0, "AdamW weight decay")
@@ -64,7 +75,10 @@ class TrainConfig:
     # LoRA
     use_lora: bool = option(True, "train a LoRA (false: the full UNet)")
     lora_rank: int = option(64, "LoRA rank")
-    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, i.e. scale 1). The adapter's update is "
+                                            "multiplied by alpha/rank; under Adam, whose steps do not grow with the "
+                                            "gradient, a smaller scale acts like a proportionally smaller learning "
+                                            "rate on the adapter's output (alpha 8 at rank 64: about 1/8 of it)")
     # checkpoints, logging, validation
     checkpointing_steps: int = option(500, "save a resumable checkpoint every N iterations")
     checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")
@@ -190,7 +204,8 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
     for f in fields(config_class):
         tp = _field_type(f, config_class)
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        # argparse %-formats help texts: a literal "10 %" must be "10 %%"
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         parse = _scalar_parser(tp)
         if parse is _parse_bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")

@@ -36,9 +36,41 @@ def preflight(config, method_cls) -> None:
     if bad:
         raise StepdistillError(f"--save_output_steps {bad}: steps must lie in 1..--max_train_steps "
                                f"({config.max_train_steps})")
+    check_lr_schedule(config)
     _check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
     check_resolution(config)
+
+
+def check_lr_schedule(config) -> None:
+    """Schedule options the chosen --lr_scheduler would ignore are errors, never silently dropped (diffusers'
+    get_scheduler passes each option only to the schedules that take it)."""
+    name = config.lr_scheduler
+    if config.lr_warmup_steps < 0:
+        raise StepdistillError(f"--lr_warmup_steps {config.lr_warmup_steps}: must be >= 0")
+    if config.lr_warmup_steps and name in ("constant", "piecewise_constant"):
+        fix = "constant_with_warmup" if name == "constant" else "a schedule with warm-up, or drop --lr_warmup_steps"
+        raise StepdistillError(f"--lr_warmup_steps {config.lr_warmup_steps} has no effect with --lr_scheduler "
+                               f"{name}: use --lr_scheduler {fix}")
+    for option, value, takes in (("lr_step_rules", config.lr_step_rules, "piecewise_constant"),
+                                 ("lr_num_cycles", config.lr_num_cycles, "cosine_with_restarts"),
+                                 ("lr_power", config.lr_power, "polynomial")):
+        if value is not None and name != takes:
+            raise StepdistillError(f"--{option} {value} has no effect with --lr_scheduler {name}: only "
+                                   f"{takes} takes it")
+    if name == "piecewise_constant":
+        if not config.lr_step_rules:
+            raise StepdistillError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. "
+                                   "'1:100,0.1:200,0.01' (x1 before update 100, x0.1 before 200, then x0.01)")
+        import torch
+        from diffusers.optimization import get_piecewise_constant_schedule
+
+        try:  # the rules are parsed when the schedule is made
+            get_piecewise_constant_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                            config.lr_step_rules)
+        except ValueError:
+            raise StepdistillError(f"--lr_step_rules {config.lr_step_rules!r}: expected multiplier:update pairs "
+                                   "and a last multiplier, e.g. '1:100,0.1:200,0.01'") from None
 
 
 def _component_config(model: str, subfolder: str, revision=None) -> dict:

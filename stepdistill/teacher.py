@@ -319,7 +319,9 @@ class Teacher:
         w = torch.as_tensor(guidance_scale, dtype=x_t.dtype, device=x_t.device)
         if bool((w == 1).all()):
             return self.predict(x_t, t, cond, unet, timestep_cond)
-        uncond = uncond if uncond is not None else self.uncond(x_t.shape[0], None).to(x_t.device)
+        if uncond is None:  # SDXL: the conditional half's micro-conditioning, as the pipelines' negative_add_time_ids
+            uncond = self.uncond(x_t.shape[0]).to(x_t.device)
+            uncond.add_time_ids = cond.add_time_ids
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         both = Conditioning.cat([uncond, cond])
         tc = None if timestep_cond is None else torch.cat([timestep_cond, timestep_cond])

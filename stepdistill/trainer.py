@@ -25,10 +25,13 @@ from .teacher import Teacher
 logger = logging.getLogger("stepdistill")
 
 
-def _lr_scheduler(name: str, optimizer, warmup: int, total: int):
+def _lr_scheduler(config, optimizer, total: int):
+    """The schedule of one network over its ``total`` updates (options checked by preflight.check_lr_schedule)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    extra = {k: v for k, v in (("num_cycles", config.lr_num_cycles), ("power", config.lr_power)) if v is not None}
+    return get_scheduler(config.lr_scheduler, optimizer, step_rules=config.lr_step_rules,
+                         num_warmup_steps=config.lr_warmup_steps, num_training_steps=total, **extra)
 
 
 class Trainer:
@@ -84,7 +87,7 @@ class Trainer:
             params = self.method.trainable_parameters(name)
             opt = torch.optim.AdamW(params, lr=self.method.learning_rate(name), **self.method.optimizer_kwargs(name))
             updates = self._updates_of(name)
-            self.schedulers[name] = _lr_scheduler(config.lr_scheduler, opt, config.lr_warmup_steps, updates)
+            self.schedulers[name] = _lr_scheduler(config, opt, updates)
             wrapped, self.optimizers[name] = acc.prepare(net, opt)
             self.wrapped[name] = wrapped
             self.params[name] = params

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig, option
+from ..config import LR_SCHEDULERS, TrainConfig, option
 from ..errors import StepdistillError
 from ..prompts import read_prompts
 from ..recipe import Recipe
@@ -45,8 +45,8 @@ class AGDConfig(TrainConfig):
     inference_guidance_scale: float = option(3.0, "the guidance scale written into the recipe (any w in the "
                                                   "trained range works)")
     learning_rate: float = option(1e-4, "learning rate of the adapters (official 1e-4)")
-    lr_scheduler: str = option("cosine", "constant | cosine | linear (official: cosine after 10 % warm-up)",
-                               choices=("constant", "cosine", "linear"))
+    lr_scheduler: str = option("cosine", "a diffusers.optimization schedule (official: cosine after 10 % warm-up)",
+                               choices=LR_SCHEDULERS)
     use_lora: bool = option(False, "unused by AGD (the adapters are not a LoRA)")
 
     def validate(self) -> None:

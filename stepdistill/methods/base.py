@@ -120,19 +120,30 @@ class DistillationMethod:
 
     @contextlib.contextmanager
     def teacher_mode(self):
-        """Inside: ``self.teacher.unet`` is the frozen teacher (LoRA adapters disabled when they share it)."""
+        """Inside: ``self.teacher.unet`` is the frozen teacher (LoRA adapters disabled when they share it). Gradient
+        checkpointing of the shared UNet pauses meanwhile: backward would recompute the teacher's forward with the
+        adapters back ON (a different graph: CheckpointError, or silently wrong gradients into x)."""
         unet = self.teacher.unet
         shared = self.config.use_lora and getattr(unet, "_hf_peft_config_loaded", False)
+        paused = shared and getattr(unet, "is_gradient_checkpointing", False)
         if shared:
             unet.disable_adapters()
+        if paused:
+            unet.disable_gradient_checkpointing()
         try:
             yield unet
         finally:
+            if paused:
+                unet.enable_gradient_checkpointing()
             if shared:
                 unet.enable_adapters()
 
     def conditioning(self, prompts: list[str], resolution: int | None = None) -> Conditioning:
         return self.teacher.encode_prompt(prompts, resolution or self.config.resolution).to(self.teacher.device)
+
+    def uncond(self, b: int) -> Conditioning:
+        """The empty prompt at the training resolution (SDXL's add_time_ids too)."""
+        return self.teacher.uncond(b, self.config.resolution).to(self.teacher.device)
 
     def clean_latents(self, batch: dict, rng: StepRandom) -> torch.Tensor:
         """z0 for the batch: a VAE posterior sample (from the cache, or encoded now)."""

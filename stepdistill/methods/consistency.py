@@ -137,7 +137,7 @@ class ConsistencyDistillation(DistillationMethod):
         prediction = self.project(teacher.predict(x, t, cond, unet=ctx.trained, timestep_cond=w_emb), x, t, end)
         with torch.no_grad():
             with self.teacher_mode() as teacher_unet:
-                x_prev = guided_solver_step(teacher, teacher_unet, x, t, t_prev, cond, w)
+                x_prev = guided_solver_step(teacher, teacher_unet, x, t, t_prev, cond, w, uncond=self.uncond(b))
             target_unet = self.target if self.target is not None else self.networks["student"]
             target_out = teacher.predict(x_prev, t_prev, cond, unet=target_unet, timestep_cond=w_emb)
             target = self.project(target_out, x_prev, t_prev, end)

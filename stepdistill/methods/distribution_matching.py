@@ -205,13 +205,15 @@ class DistributionMatching(DistillationMethod):
             x0 = self.generator_x0(plain if trained is None else trained, x, steps[depth], cond)
         return x0, depth
 
-    def draw_sample(self, batch, rng, trained=None) -> tuple[torch.Tensor, Conditioning, int]:
+    def draw_sample(self, batch, rng, trained=None, drop=None) -> tuple[torch.Tensor, Conditioning, int]:
         """Prompts (the batch's captions, or drawn from --prompts_file when images feed only the GAN), their
-        conditioning, and G's sample for them."""
+        conditioning (the empty prompt where the boolean mask ``drop`` is set), and G's sample for them."""
         prompts = list(batch["prompts"])
         if self.prompts is not None:
             prompts = [self.prompts[i] for i in rng.randint(0, len(self.prompts), len(prompts)).tolist()]
         cond = self.conditioning(prompts)
+        if drop is not None:
+            cond = _where(drop, self.uncond(len(prompts)), cond)
         x_g, depth = self.generate(cond, rng, trained)
         return x_g, cond, depth
 

@@ -7,6 +7,7 @@ a full student also sees w through a guidance embedding (``time_cond_proj_dim``)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,30 @@ from .consistency import ConsistencyConfig, ConsistencyDistillation, boundary_sc
 @dataclass
 class LCMConfig(ConsistencyConfig):
     """Latent consistency distillation (LCM / LCM-LoRA). Guidance scales use the Imagen convention
-    (ε_u + w (ε_c - ε_u)); LCM's paper range w ∈ [3, 15] is [4, 16] here."""
+    (ε_u + w (ε_c - ε_u)); LCM's paper range w ∈ [3, 15] is [4, 16] here. LCM-LoRA's recipe (Diffusers
+    train_lcm_distill_lora_sd_wds.py): rank 64, alpha 64 (scale 1), lr 1e-4."""
 
+    learning_rate: float | None = option(None, "learning rate (method default: 1e-4 for LCM-LoRA, as Diffusers' "
+                                               "train_lcm_distill_lora_sd_wds.py; 1e-6 for a full LCM UNet, as "
+                                               "Diffusers' full-distillation example of train_lcm_distill_sd_wds.py)")
     timestep_scaling_factor: float = option(10.0, "t scaling inside the boundary-condition c_skip / c_out")
     time_cond_proj_dim: int = option(256, "guidance-embedding width of a full LCM student")
-    inference_guidance_scale: float = option(1.0, "guidance written into the recipe (full LCM: the embedded w)")
+    inference_guidance_scale: float | None = option(
+        None, "guidance written into the recipe (method default: 1 for LCM-LoRA, whose guidance is baked in; for a "
+              "full LCM, the embedded w, the middle of [guidance_scale_min, guidance_scale_max]: its guidance "
+              "embedding learned only that range, and the middle is farthest from extrapolating it)")
+
+    def validate(self) -> None:
+        super().validate()
+        lo, hi = self.guidance_scale_min, self.guidance_scale_max
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.use_lora else 1e-6
+        if self.inference_guidance_scale is None:
+            self.inference_guidance_scale = 1.0 if self.use_lora else (lo + hi) / 2
+        elif not self.use_lora and not lo <= self.inference_guidance_scale <= hi:
+            logging.getLogger("stepdistill").warning(
+                "--inference_guidance_scale %g lies outside the trained range [%g, %g]: the full LCM's guidance "
+                "embedding extrapolates", self.inference_guidance_scale, lo, hi)
 
 
 class LCM(ConsistencyDistillation):

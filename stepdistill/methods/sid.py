@@ -5,7 +5,8 @@ learns from prompts only; real images serve only the optional Diffusion-GAN (SiD
 Algorithm, one iteration (SiD-LSG's training loop):
   1. the fake score's turn, on its own fresh sample x_g = G(x_in) (few-step: the uniform mixture of steps):
      t ~ U{min_step..max_step}; ε-matching loss of F at CFG κ1, summed over C·H·W, batch mean
-     (10 % empty prompts when κ1 or κ2 ≠ 1)                                              [+ GAN disc. with --gan]
+     (10 % empty prompts when κ1 or κ2 ≠ 1, emptied before G samples: sid_training_loop.py,
+     use_context_dropout_train_fake; the generator's turn keeps every prompt) [+ GAN disc. with --gan]
   2. every dfake_gen_update_ratio-th iteration (official: every one), the generator's turn on another fresh
      sample: L_G = SiD loss (SiD eq. 21) of (teacher at κ4, F at κ2 = κ3), autograd THROUGH both scores into
      x_t                                                                                   [+ GAN gen. with --gan]
@@ -35,7 +36,8 @@ def sid_timesteps(init_timestep: int, num_steps: int) -> list[int]:
 
 @dataclass
 class SiDConfig(DistributionMatchingConfig):
-    """Score identity Distillation (SiD, SiD-LSG, few-step SiD). Guidance uses the Imagen convention (1 = none)."""
+    """Score identity Distillation (SiD, SiD-LSG, few-step SiD). Guidance uses the Imagen convention (1 = none).
+    SiD-LSG trains the full generator (it has no LoRA recipe)."""
 
     alpha: float = option(1.0, "α of the generator loss (1 for SD; 1.2 in the EDM paper; 0.5-1 for new domains)")
     init_timestep: int = option(625, "t_init: the generator's first (for one step, only) timestep")
@@ -54,6 +56,11 @@ class SiDConfig(DistributionMatchingConfig):
     kappa2: float | None = option(None, "κ2: CFG of the fake score in the generator loss (must equal κ3)")
     kappa3: float | None = option(None, "κ3: CFG of the fake score in the generator loss (must equal κ2)")
     kappa4: float | None = option(None, "κ4: CFG of the teacher in the generator loss")
+    text_dropout_placement: str = option(
+        "generator", "where the 10 % empty prompts go (when κ1 or κ2 ≠ 1) in the fake score's turn: generator, as "
+                     "SiD-LSG: before the generator samples, so the fake score learns G's empty-prompt samples under "
+                     "the empty prompt; fake_score: G samples from every prompt and only the fake score's text is "
+                     "emptied", choices=("generator", "fake_score"))
     learning_rate: float = option(1e-6, "learning rate of both networks (paper: 1e-6 one step, 5e-6 few steps)")
     adam_beta1: float = option(0.0, "Adam beta1 (SiD: 0)")
     max_grad_norm: float = option(0.0, "gradient clipping norm (SiD: none)")
@@ -116,8 +123,11 @@ class SiD(DistributionMatching):
         self.init_noise_scale = sigma if c.init_noise == "scaled" else 1.0
         k1, k2, _, k4 = c.kappas()
         zero = c.guidance_preset == "zero_cfg"
+        dropout = 0.1 if (k1 != 1 or k2 != 1) else 0.0  # sid_training_loop.py: cfg_train_fake or cfg_eval_fake ≠ 1
+        before_sampling = c.text_dropout_placement == "generator"
+        self.sample_text_dropout = dropout if before_sampling else 0.0
         self.guidance = Guidance(real=k4, fake=k2, fake_train=k1, fake_text=not zero,
-                                 fake_text_dropout=0.1 if (k1 != 1 or k2 != 1) else 0.0)
+                                 fake_text_dropout=0.0 if before_sampling else dropout)
         self.generator_loss = SiDLoss(c.alpha)
         super().build()
 
@@ -129,7 +139,11 @@ class SiD(DistributionMatching):
         sample_rng = ctx.iteration_rng.stream(f"sample/{ctx.phase}")  # each turn draws its own sample
         if ctx.phase == "generator":
             return self.generator_turn(ctx, sample_rng)
-        x_g, cond, _ = self.draw_sample(ctx.batch, sample_rng)
+        drop = None
+        if self.sample_text_dropout:  # its own stream: t and noise stay those of the other placement
+            rng = ctx.iteration_rng.stream("text_dropout/fake_score")
+            drop = rng.rand(len(ctx.batch["prompts"])) < self.sample_text_dropout
+        x_g, cond, _ = self.draw_sample(ctx.batch, sample_rng, drop=drop)
         c = self.config
         return self.fake_score_turn(ctx, x_g, cond, (c.min_step, c.max_step))  # t ~ U{t_min..t_max}, as G's
 

@@ -25,7 +25,9 @@ from .networks import GANHead, mid_block_features
 
 @dataclass
 class TSCDConfig(ConsistencyConfig):
-    """Trajectory segmented consistency distillation (Hyper-SD TSCD), progressive over segment counts."""
+    """Trajectory segmented consistency distillation (Hyper-SD TSCD), progressive over segment counts. PCM's LoRA
+    recipe (train_pcm_lora_sd15.py; Hyper-SD publishes no training code): rank 64, alpha 8 (PEFT's default: scale
+    1/8), lr 5e-6."""
 
     segments: list[int] = option([8, 4, 2, 1], "segment counts of the stages, trained in order (e.g. 8,4,2,1)")
     stage_steps: list[int] = option([], "iterations per stage (default: max_train_steps split evenly)")
