@@ -1,21 +1,24 @@
-"""Benchmark at real size: one LoRA training step of LCM and of DMD2 (batch 1, the model's own resolution) on UNets
-built from the real SD 1.5 and SDXL configs (``assets/real_configs``; random weights, no hub), float32 against bf16
-mixed precision, through the library's own ``Trainer`` and methods (the loop without its final checkpoint, output
-and validation grid: ``bench_lcm.timed_training``).
+"""Benchmark at real size: one LoRA training step of LCM and of DMD2 (batch 1) on UNets built from the real SD 1.5
+and SDXL configs (``assets/real_configs``; random weights, no hub), float32 against bf16 mixed precision, through the
+library's own ``Trainer`` and methods (the loop without its final checkpoint, output and validation grid:
+``bench_lcm.timed_training``).
 
-Each configuration runs in a fresh process and reports: the peak RSS of the whole process (VmHWM, loading
-included), the peak RSS of the training step alone (VmHWM reset through /proc/self/clear_refs after the models
-load) and the step's seconds on this CPU (the loop's own ``sec_per_step``: the first step, warm-up included). A
-table then accounts for the memory each configuration needs: parameters (frozen ones in their dtype, trainable ones
-float32), gradients (float32, trainable only), AdamW states (2 x float32 per trainable parameter) and activations
-(measured: the step's peak minus what was resident before it, minus the gradients and optimizer states it creates;
-this includes temporaries and allocator slack), and the GPU that therefore holds it. Configurations too large or too
-slow for this machine (``--measure``) are computed from the same counts (parameters counted on the meta device) and
-estimated activations, and marked so.
+Each measured configuration runs in a fresh process and reports the peak RSS of the whole process (VmHWM, loading
+included), the peak RSS of the training step alone (VmHWM reset through /proc/self/clear_refs once the models have
+loaded) and the step's seconds on this CPU (the loop's own ``sec_per_step``: one step, first-call overheads
+included; other jobs on the machine slow it, so the load average is printed). A second table accounts for the memory
+each configuration needs: parameters (frozen ones in their dtype, trainable ones float32), gradients (float32,
+trainable parameters only), AdamW states (2 x float32 per trainable parameter) and activations, and the GPU that
+therefore holds it. Activations are measured where the configuration ran (the step's peak minus what was resident
+before it, minus the gradients and optimizer states the step creates: saved tensors, temporaries and allocator
+slack) and estimated from measured runs otherwise; every computed number is marked.
 
-Text encoders are tiny (2 layers, the real widths the UNet reads) unless ``--text_encoder real``: their prompts are
-encoded once before training, so their size adds only their resident weights (SD 1.5's CLIP-L: 123M parameters;
-SDXL's two: 817M), not step memory; the UNets and VAEs are real-size.
+What runs here by default (``--measure``): SD 1.5 LCM-LoRA in float32 and bf16, and SDXL LCM-LoRA in bf16 at 512x512
+(``--sdxl_resolution``; its 1024x1024 activations are the 512x512 ones x4, by pixels). DMD2 is computed: its full
+float32 fake score (weights, gradients, AdamW states: 16 bytes per parameter, 12.8 GiB on SD 1.5) plus the teacher
+does not fit beside other jobs in this machine's 23 GiB. Text encoders are tiny (2 layers, the real widths the UNet
+reads) unless ``--text_encoder real``: prompts are encoded once before training, so the text encoders add only their
+resident weights, which the accounting counts at real size (SD 1.5's CLIP-L 123M parameters; SDXL's two: 817M).
 
     OMP_NUM_THREADS=2 python train_scripts/bench_real_size.py
     OMP_NUM_THREADS=2 python train_scripts/bench_real_size.py --measure sd15-lcm-lora-fp32,sd15-lcm-lora-bf16
@@ -40,7 +43,8 @@ CUDA_OVERHEAD_GIB = 1.0  # CUDA context and allocator slack on a GPU, added befo
 # name: (model, method, mixed precision)
 RUNS = {f"{model}-{method}-lora-{prec}": (model, method, {"fp32": "no", "bf16": "bf16"}[prec])
         for model in ("sd15", "sdxl") for method in ("lcm", "dmd2") for prec in ("fp32", "bf16")}
-DEFAULT_MEASURE = "sd15-lcm-lora-fp32,sd15-lcm-lora-bf16,sd15-dmd2-lora-fp32,sd15-dmd2-lora-bf16,sdxl-lcm-lora-bf16"
+DEFAULT_MEASURE = "sd15-lcm-lora-fp32,sd15-lcm-lora-bf16,sdxl-lcm-lora-bf16"
+NATIVE = {"sd15": 512, "sdxl": 1024}  # the pipelines' own resolution: UNet sample_size x VAE factor 8
 
 
 def status_kib(field: str) -> int:
@@ -50,13 +54,13 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def argv_of(model_dir: str, method: str, precision: str, output_dir: str) -> list[str]:
+def argv_of(model_dir: str, method: str, precision: str, output_dir: str, resolution: int) -> list[str]:
     """The run's options: the method's defaults (LoRA rank 64), batch 1, one step, the digits as data (their
     captions for DMD2's prompts; their images, resized, for LCM's VAE encoding in the step)."""
     argv = ["--pretrained_model_name_or_path", model_dir, "--output_dir", output_dir, "--train_data_dir",
             "builtin:tiny-digits", "--max_train_samples", "1", "--train_batch_size", "1", "--max_train_steps", "1",
             "--checkpointing_steps", "0", "--validation_steps", "0", "--mixed_precision", precision,
-            "--use_lora", "true"]
+            "--use_lora", "true", "--resolution", str(resolution)]
     if method == "dmd2":
         argv += ["--gan", "false"]
     return argv
@@ -99,7 +103,7 @@ def held_unets(trainer) -> int:
                 for m in net.modules() if isinstance(m, UNet2DConditionModel)})
 
 
-def child(name: str, model_dir: str) -> dict:
+def child(name: str, model_dir: str, resolution: int) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
@@ -125,10 +129,10 @@ def child(name: str, model_dir: str) -> dict:
         return {}
 
     with tempfile.TemporaryDirectory() as out:
-        result = timed_training(get_method(method), argv_of(model_dir, method, precision, out), 0,
+        result = timed_training(get_method(method), argv_of(model_dir, method, precision, out, resolution), 0,
                                 check=before_training)
     step_peak = result["peak_rss_mb"] * 1024  # KiB: VmHWM since the reset
-    info.update(sec_per_step=result["sec_per_step"][0], step_peak_kib=step_peak,
+    info.update(sec_per_step=result["sec_per_step"][0], step_peak_kib=step_peak, resolution=resolution,
                 process_peak_kib=max(step_peak, info["load_peak_kib"]), torch_threads=torch.get_num_threads(),
                 activations_bytes=max(0.0, (step_peak - info["resident_before_step_kib"]) * 1024
                                       - info["grads_bytes"] - info["optimizer_bytes"]))
@@ -166,19 +170,45 @@ def computed(name: str) -> dict:
     return info
 
 
+def native_activations(name: str, rows: dict) -> float | None:
+    """A measured configuration's activations at its model's own resolution (x pixels from a smaller one)."""
+    r = rows.get(name)
+    if r is None or r.get("computed"):
+        return None
+    return r["activations_bytes"] * (NATIVE[RUNS[name][0]] / r["resolution"]) ** 2
+
+
 def estimate_activations(name: str, rows: dict) -> tuple[float | None, str]:
-    """Activations of a configuration not run: a measured run of the same model (the anchor) scaled by the ratio
-    of the two configurations' activations measured on SD 1.5."""
+    """Activations at the model's own resolution: measured (scaled by pixels where measured smaller), else a measured
+    configuration of the same model (the same method first) times the ratios measured on SD 1.5 between the
+    precisions, and between the methods (DMD2 ~ LCM where SD 1.5's DMD2 did not run: each phase of its step holds
+    one UNet forward with gradient at batch 1, as LCM's student does)."""
     model, method, precision = RUNS[name]
-    sd = {k[5:]: r for k, r in rows.items() if k.startswith("sd15-") and not r.get("computed")}
-    for anchor, r in rows.items():
-        if anchor.startswith(model + "-") and not r.get("computed") and anchor[len(model) + 1:] in sd:
-            base = sd[anchor[len(model) + 1:]]["activations_bytes"]
-            target = sd.get(name[len(model) + 1:])
-            if base and target:
-                return (r["activations_bytes"] * target["activations_bytes"] / base,
-                        f"estimated: {anchor} x SD1.5 ratio {target['activations_bytes'] / base:.2f}")
-    return None, "not estimated (no measured anchor)"
+    prec = "fp32" if precision == "no" else "bf16"
+    r = rows[name]
+    if not r.get("computed"):
+        scale = (NATIVE[model] / r["resolution"]) ** 2
+        note = "measured" if scale == 1 else f"measured at {r['resolution']}px, x{scale:g} for {NATIVE[model]}px"
+        return r["activations_bytes"] * scale, note
+    for anchor_method in dict.fromkeys((method, "lcm")):
+        for anchor_prec in dict.fromkeys((prec, "bf16" if prec == "fp32" else "fp32")):
+            anchor = f"{model}-{anchor_method}-lora-{anchor_prec}"
+            value = native_activations(anchor, rows)
+            if value is None:
+                continue
+            notes = [f"estimated: {anchor}"]
+            if anchor_prec != prec:
+                num, den = (native_activations(f"sd15-{anchor_method}-lora-{p}", rows) for p in (prec, anchor_prec))
+                if not num or not den:
+                    continue
+                value, _ = value * num / den, notes.append(f"x SD1.5 {prec}/{anchor_prec} {num / den:.2f}")
+            if anchor_method != method:
+                num, den = (native_activations(f"sd15-{m}-lora-{prec}", rows) for m in (method, anchor_method))
+                ratio = num / den if num and den else 1.0
+                notes.append(f"x {method}/{anchor_method} {ratio:.2f}" + ("" if num and den else " (assumed)"))
+                value *= ratio
+            return value, " ".join(notes)
+    return None, "not estimated (no measured configuration to scale)"
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -190,13 +220,13 @@ def fits(total_bytes) -> str:
     if total_bytes is None:
         return "?"
     need = total_bytes / GIB + CUDA_OVERHEAD_GIB
-    return next((f"{g} GB" for g in GPUS if need <= g * 1e9 / GIB), "> 80 GB")
+    return next((f"{g} GB" for g in GPUS if need <= g), "> 80 GB")  # 24/40/80 GB cards hold that many GiB
 
 
-def run_child(name: str, model_dir: Path) -> dict:
+def run_child(name: str, model_dir: Path, resolution: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, __file__, "--_child", name, str(model_dir)], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run([sys.executable, __file__, "--_child", name, str(model_dir), str(resolution)],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{name}: the benchmark process failed (exit {proc.returncode})")
@@ -207,14 +237,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", default=DEFAULT_MEASURE,
                         help=f"configurations to run here (the others are computed); any of {', '.join(RUNS)}")
+    parser.add_argument("--sdxl_resolution", type=int, default=512,
+                        help="resolution of the measured SDXL runs (1024: its own; 512 keeps a step within minutes "
+                             "on a CPU)")
     parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "stepdistill-bench-real"),
                         help="where the random-weight pipeline folders are built (reused)")
     parser.add_argument("--text_encoder", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows to this JSON file")
-    parser.add_argument("--_child", nargs=2, metavar=("NAME", "MODEL_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--_child", nargs=3, metavar=("NAME", "MODEL_DIR", "RESOLUTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        print(json.dumps(child(*args._child)))
+        name, model_dir, resolution = args._child
+        print(json.dumps(child(name, model_dir, int(resolution))))
         return
     measure = [m for m in args.measure.split(",") if m]
     unknown = [m for m in measure if m not in RUNS]
@@ -224,61 +258,60 @@ def main() -> None:
     from stepdistill.testing import build_pipeline_from_configs
 
     rows: dict[str, dict] = {}
-    for name in RUNS:
-        model = RUNS[name][0]
-        if name in measure:
-            folder = build_pipeline_from_configs(Path(args.work_dir) / f"{model}-{args.text_encoder}",
-                                                 REAL_CONFIGS / model, text_encoder=args.text_encoder)
-            rows[name] = run_child(name, folder)
-            r = rows[name]
-            print(f"{name}: {r['sec_per_step']:.1f} s/step, peak {r['process_peak_kib'] / 2 ** 20:.2f} GiB "
-                  f"(step {r['step_peak_kib'] / 2 ** 20:.2f} GiB)", file=sys.stderr, flush=True)
-        else:
+    for name, (model, _, _) in RUNS.items():
+        if name not in measure:
             rows[name] = computed(name)
+            continue
+        folder = build_pipeline_from_configs(Path(args.work_dir) / f"{model}-{args.text_encoder}",
+                                             REAL_CONFIGS / model, text_encoder=args.text_encoder)
+        resolution = args.sdxl_resolution if model == "sdxl" else NATIVE[model]
+        rows[name] = r = run_child(name, folder, resolution)
+        print(f"{name} at {resolution}px: {r['sec_per_step']:.1f} s/step, peak {r['process_peak_kib'] / 2 ** 20:.2f} "
+              f"GiB (the step {r['step_peak_kib'] / 2 ** 20:.2f} GiB)", file=sys.stderr, flush=True)
     for name, r in rows.items():
-        r["activations_note"] = "measured"
-        if r.get("computed"):
-            r["activations_bytes"], r["activations_note"] = estimate_activations(name, rows)
+        r["activations_native_bytes"], r["activations_note"] = estimate_activations(name, rows)
         r["text_encoders_bytes"] = text_encoder_bytes(RUNS[name][0], RUNS[name][2])
         parts = [r[k] for k in ("params_bytes", "text_encoders_bytes", "grads_bytes", "optimizer_bytes",
-                                "activations_bytes")]
+                                "activations_native_bytes")]
         r["total_bytes"] = None if None in parts else sum(parts)
 
     threads = next((r["torch_threads"] for r in rows.values() if "torch_threads" in r), None)
-    print(f"\n### Measured on this CPU (batch 1, LoRA rank 64, one step, torch threads {threads}; text encoders "
-          f"{args.text_encoder})\n")
-    print("| configuration | UNet / VAE dtype | UNets held | s/step | peak RSS, whole process (GiB) | "
-          "peak RSS, the step (GiB) | bf16 / fp32 (process, step) |")
-    print("|---|---|---|---|---|---|---|")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\n### Measured on this CPU ({os.cpu_count()} cores, torch threads {threads}, load average {load}; batch 1, "
+          f"LoRA rank 64, one step; text encoders {args.text_encoder})\n")
+    print("| configuration | resolution | UNet / VAE dtype | UNets held | s/step | peak RSS, whole process (GiB) | "
+          "peak RSS, the step (GiB) | bf16 / fp32 peak (process, step) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if r.get("computed"):
             continue
-        ratio = ""
+        ratio = "-"
         fp32 = rows.get(name.replace("-bf16", "-fp32"))
-        if name.endswith("-bf16") and fp32 and not fp32.get("computed"):
+        if name.endswith("-bf16") and fp32 and not fp32.get("computed") and fp32["resolution"] == r["resolution"]:
             ratio = (f"**{r['process_peak_kib'] / fp32['process_peak_kib']:.2f}x**, "
                      f"{r['step_peak_kib'] / fp32['step_peak_kib']:.2f}x")
-        print(f"| {name} | {r['unet_dtype']} / {r['vae_dtype']} | {r['unets_held']} | {r['sec_per_step']:.1f} | "
-              f"{r['process_peak_kib'] / 2 ** 20:.2f} | {r['step_peak_kib'] / 2 ** 20:.2f} | {ratio} |")
-    print("\n### Memory each configuration needs (GiB; parameters: frozen in their dtype + trainable float32; "
-          "text encoders at real size; AdamW states 2 x float32)\n")
-    print("| configuration | source | frozen / trainable params (M) | parameters | text encoders | gradients | "
-          "optimizer | activations | total | fits (GPU, +1 GiB CUDA context) |")
+        print(f"| {name} | {r['resolution']} | {r['unet_dtype']} / {r['vae_dtype']} | {r['unets_held']} | "
+              f"{r['sec_per_step']:.0f} | {r['process_peak_kib'] / 2 ** 20:.2f} | {r['step_peak_kib'] / 2 ** 20:.2f} | "
+              f"{ratio} |")
+    print("\n### Memory each configuration needs at its own resolution (GiB; frozen parameters in their dtype, "
+          "trainable ones float32; text encoders at real size; AdamW: 2 float32 states per trainable parameter)\n")
+    print("| configuration | numbers | frozen / trainable params (M) | parameters | text encoders | gradients | "
+          "optimizer | activations | total | fits (+1 GiB CUDA context) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        source = "computed" if r.get("computed") else "measured"
+        source = "computed" if r.get("computed") else "counted in the run"
         print(f"| {name} | {source} | {r['frozen_params_m']:.0f} / {r['trainable_params_m']:.1f} | "
               f"{gib(r['params_bytes'])} | {gib(r['text_encoders_bytes'])} | {gib(r['grads_bytes'])} | "
-              f"{gib(r['optimizer_bytes'])} | {gib(r['activations_bytes'])} ({r['activations_note']}) | "
+              f"{gib(r['optimizer_bytes'])} | {gib(r['activations_native_bytes'])} ({r['activations_note']}) | "
               f"{gib(r['total_bytes'])} | {fits(r['total_bytes'])} |")
-    print("\nDMD2 with a LoRA generator: the generator is the teacher's UNet with adapters (the real score is the "
-          "same UNet, adapters off), so 2 UNets are held (teacher, fake score) where a separate frozen teacher would "
-          "hold 3:")
+    print("\nDMD2 with a LoRA generator holds 2 UNets (the teacher's, carrying the generator's LoRA, which is also the "
+          "real score with its adapters off; the fake score) where a separate frozen teacher would hold 3:")
     for name, r in rows.items():
         if RUNS[name][1] == "dmd2":
             unet_bytes = r["unet_params_m"] * 1e6 * (2 if RUNS[name][2] == "bf16" else 4)
-            print(f"- {name}: UNets held {r['unets_held']}, generator shares the teacher's UNet: "
-                  f"{r['generator_shares_teacher']}; a separate teacher copy would add ~{gib(unet_bytes)} GiB")
+            print(f"- {name}: UNets held {r['unets_held']}, the generator is the teacher's UNet: "
+                  f"{r['generator_shares_teacher']}; a separate teacher copy would add {gib(unet_bytes)} GiB "
+                  f"({r['unet_dtype']})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
