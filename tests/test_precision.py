@@ -188,3 +188,33 @@ def test_bad_precision_input_is_one_line_before_any_weights_load(case, no_weight
     assert run("lcm", train_args(model, digits_dir, tmp_path / "out", **options)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and all(e in err[0] for e in expect), err
+
+
+def test_real_configs_build_the_published_networks_and_the_builder_reads_configs(tiny_sd_path, tiny_sdxl_path,
+                                                                                tmp_path):
+    """assets/real_configs are the public SD 1.5 / SDXL configs (their networks have the published parameter
+    counts); build_pipeline_from_configs builds a loadable pipeline from a configs folder (here tiny ones)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from conftest import REPO
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from stepdistill.testing import build_pipeline_from_configs
+
+    published = {"sd15": (859_520_964, 83_653_863), "sdxl": (2_567_463_684, 83_653_863)}
+    for model, counts in published.items():
+        def config(sub):
+            path = REPO / "assets" / "real_configs" / model / sub / "config.json"
+            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+        with init_empty_weights():
+            nets = UNet2DConditionModel.from_config(config("unet")), AutoencoderKL.from_config(config("vae"))
+        assert tuple(sum(p.numel() for p in n.parameters()) for n in nets) == counts
+    for source, kind in ((tiny_sd_path, "sd"), (tiny_sdxl_path, "sdxl")):
+        for text_encoder in ("tiny", "real"):
+            built = build_pipeline_from_configs(tmp_path / f"{kind}-{text_encoder}", source, text_encoder=text_encoder)
+            teacher = Teacher.from_pretrained(built)
+            assert teacher.kind == kind
+            assert json.loads((built / "unet" / "config.json").read_text())["block_out_channels"] == \
+                json.loads((source / "unet" / "config.json").read_text())["block_out_channels"]

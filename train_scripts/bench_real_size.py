@@ -9,8 +9,9 @@ loaded) and the step's seconds on this CPU (the loop's own ``sec_per_step``: one
 included; other jobs on the machine slow it, so the load average is printed). A second table accounts for the memory
 each configuration needs: parameters (frozen ones in their dtype, trainable ones float32), gradients (float32,
 trainable parameters only), AdamW states (2 x float32 per trainable parameter) and activations, and the GPU that
-therefore holds it. Activations are measured where the configuration ran (the step's peak minus what was resident
-before it, minus the gradients and optimizer states the step creates: saved tensors, temporaries and allocator
+therefore holds it (their sum: a bound, since gradients are created while activations are freed). Activations are
+measured where the configuration ran (the peak RSS once the step's forward passes are done, minus what was resident
+before the step: the tensors saved for backward, the no-grad forwards' temporaries, the autocast cache and allocator
 slack) and estimated from measured runs otherwise; every computed number is marked.
 
 What runs here by default (``--measure``): SD 1.5 LCM-LoRA in float32 and bf16, and SDXL LCM-LoRA in bf16 at 512x512
@@ -81,19 +82,16 @@ def memory_of(frozen_modules: list, trainable: list) -> dict:
 def text_encoder_bytes(model: str, precision: str) -> int:
     """The real-size text encoders' weights (frozen, in the weight dtype), counted on the meta device."""
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     total = 0
-    for name in ("text_encoder", "text_encoder_2"):
+    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
         path = REAL_CONFIGS / model / name / "config.json"
         if path.is_file():
             config = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("architectures", "model_type")}
-            with init_empty_weights():  # (the projection of text_encoder_2 is 1280 x 1280 more: counted below)
-                te = CLIPTextModel(CLIPTextConfig(**config))
-            n = sum(p.numel() for p in te.parameters())
-            n += config["hidden_size"] * config["projection_dim"] if name == "text_encoder_2" else 0
-            total += n * (2 if precision == "bf16" else 4)
-    return total
+            with init_empty_weights():
+                total += sum(p.numel() for p in cls(CLIPTextConfig(**config)).parameters())
+    return total * (2 if precision == "bf16" else 4)
 
 
 def held_unets(trainer) -> int:
@@ -125,6 +123,14 @@ def child(name: str, model_dir: str, resolution: int) -> dict:
                     vae_dtype=str(teacher.vae.dtype)[6:],
                     generator_shares_teacher=networks.get("generator") is teacher.unet if method == "dmd2" else None,
                     load_peak_kib=status_kib("VmHWM"), resident_before_step_kib=status_kib("VmRSS"))
+        loss = trainer.method.loss
+
+        def loss_and_peak(ctx):  # the peak so far once each phase's forward passes are done
+            out = loss(ctx)
+            info.setdefault("forward_peaks_kib", []).append(status_kib("VmHWM"))
+            return out
+
+        trainer.method.loss = loss_and_peak
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: from here on, the step's peak
         return {}
 
@@ -134,8 +140,10 @@ def child(name: str, model_dir: str, resolution: int) -> dict:
     step_peak = result["peak_rss_mb"] * 1024  # KiB: VmHWM since the reset
     info.update(sec_per_step=result["sec_per_step"][0], step_peak_kib=step_peak, resolution=resolution,
                 process_peak_kib=max(step_peak, info["load_peak_kib"]), torch_threads=torch.get_num_threads(),
-                activations_bytes=max(0.0, (step_peak - info["resident_before_step_kib"]) * 1024
-                                      - info["grads_bytes"] - info["optimizer_bytes"]))
+                # the forward passes' peak above the resident weights: the tensors saved for backward, the no-grad
+                # forwards' temporaries (teacher, target, VAE) and the autocast cache, before the first gradient and
+                # optimizer state exist (LCM's step peaks there: its backward frees more than the gradients take)
+                activations_bytes=(max(info["forward_peaks_kib"]) - info["resident_before_step_kib"]) * 1024)
     return info
 
 
