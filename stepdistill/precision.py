@@ -95,7 +95,7 @@ def check_precision(config) -> None:
     bitsandbytes."""
     mode, source = resolve_mixed_precision(getattr(config, "mixed_precision", None))
     if mode not in ("no", "fp16", "bf16"):
-        raise StepdistillError(f"{source}: unknown mixed precision; use no, fp16 or bf16")
+        raise StepdistillError(f"{source}: not a mixed precision this trainer runs; use no, fp16 or bf16")
     if mode == "fp16" and not has_accelerator():
         raise StepdistillError(f"{source}: fp16 mixed precision needs a GPU (Accelerate and torch's CPU autocast do "
                                "not run fp16); on this CPU-only machine use --mixed_precision bf16 or no")
