@@ -41,7 +41,8 @@ class TrackingTrainer(Trainer):
         if not hasattr(self, "judge"):
             self.judge = DigitsJudge.from_world(self.config.pretrained_model_name_or_path)
         kwargs = {**self.method.recipe().call_kwargs(), "height": self.resolution, "width": self.resolution}
-        scores, _ = score_pipeline(self.method.sampling_pipeline(), self.judge, kwargs)
+        with self.accelerator.autocast():  # float32 trainable networks beside half-precision frozen ones
+            scores, _ = score_pipeline(self.method.sampling_pipeline(), self.judge, kwargs)
         line = {"step": self.step, "fid": round(scores["digits_fid"], 3), "agree": round(scores["prompt_agreement"], 4)}
         if self.teacher_fid:
             line["ratio"] = round(scores["digits_fid"] / self.teacher_fid, 3)

@@ -37,6 +37,14 @@ class TrainConfig:
     pretrained_model_name_or_path: str = option("assets/tiny-digits-sd", "base pipeline: a local folder or hub id")
     output_dir: str = option("runs/train", "where the LoRA/adapters, recipe, checkpoints and samples go")
     revision: str | None = option(None, "hub revision of the base pipeline")
+    variant: str | None = option(None, "weights variant of the base pipeline, e.g. fp16 (loads *.fp16.safetensors: "
+                                       "half the download; the frozen weights are held in the mixed-precision dtype "
+                                       "either way)")
+    cache_dir: str | None = option(None, "hub cache folder of the base pipeline and VAE (default: the Hugging Face "
+                                         "cache)")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "another VAE (folder or hub id) in place of the pipeline's, e.g. SDXL's fp16-safe "
+              "madebyollin/sdxl-vae-fp16-fix; its latent channels and scaling must be the base VAE's")
     # data
     train_data_dir: str | None = option(None, "image folder with metadata.jsonl (file_name, text), or "
                                               "builtin:tiny-digits for the embedded world's data")
@@ -69,7 +77,13 @@ class TrainConfig:
     adam_weight_decay: float = option(0.0, "AdamW weight decay")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    mixed_precision: str = option("no", "no | fp16 | bf16", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = option(None, "no | fp16 | bf16 (default: what Accelerate was launched with, i.e. "
+                                               "the accelerate config or `accelerate launch --mixed_precision`; "
+                                               "else no). Frozen networks are held in fp16/bf16, trainable "
+                                               "parameters stay float32", choices=(None, "no", "fp16", "bf16"))
+    allow_tf32: bool = option(False, "allow TF32 matmuls and convolutions on Ampere and later GPUs (faster float32)")
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW: optimizer states in 8 bits (needs "
+                                        "`pip install stepdistill[8bit]`)")
     gradient_checkpointing: bool = option(False, "recompute UNet activations in backward to save memory")
     seed: int = option(0, "seed of data order, noise and initialisation")
     # LoRA

@@ -1,5 +1,6 @@
 """Every check a training run makes before any weights load: the base model, the steps, the output directory, the
-checkpoint to resume and the resolution (read from the components' config files alone)."""
+checkpoint to resume, the resolution (read from the components' config files alone) and the precision options
+(mixed precision on this machine, 8-bit Adam, another VAE, a weights variant)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import resolve_checkpoint
 from .errors import StepdistillError
+from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
 
 
@@ -27,7 +29,8 @@ def _check_output_dir(path: str) -> None:
 
 def preflight(config, method_cls) -> None:
     """Every check that needs no model weights, before anything expensive is loaded."""
-    check_pipeline(str(config.pretrained_model_name_or_path), config.revision)
+    check_pipeline(str(config.pretrained_model_name_or_path), config.revision, getattr(config, "cache_dir", None))
+    check_precision(config)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
@@ -40,6 +43,9 @@ def preflight(config, method_cls) -> None:
     _check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
     check_resolution(config)
+    check_vae(config, _component_config(str(config.pretrained_model_name_or_path), "vae", config.revision,
+                                        getattr(config, "cache_dir", None)))
+    check_variant(config)
 
 
 def check_lr_schedule(config) -> None:
@@ -73,17 +79,18 @@ def check_lr_schedule(config) -> None:
                                    "and a last multiplier, e.g. '1:100,0.1:200,0.01'") from None
 
 
-def _component_config(model: str, subfolder: str, revision=None) -> dict:
+def _component_config(model: str, subfolder: str, revision=None, cache_dir=None) -> dict:
     """A component's config.json alone (no weights): from the folder, or the hub's small config file (from the
     local cache when HF_HUB_OFFLINE is set)."""
-    return json.loads(pipeline_file(model, f"{subfolder}/config.json", revision).read_text())
+    return json.loads(pipeline_file(model, f"{subfolder}/config.json", revision, cache_dir).read_text())
 
 
 def check_resolution(config) -> int:
     """The training resolution, checked against the VAE and UNet configs before any weights load."""
     model = str(config.pretrained_model_name_or_path)
-    vae = _component_config(model, "vae", config.revision)
-    unet = _component_config(model, "unet", config.revision)
+    cache_dir = getattr(config, "cache_dir", None)
+    vae = _component_config(model, "vae", config.revision, cache_dir)
+    unet = _component_config(model, "unet", config.revision, cache_dir)
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     resolution = config.resolution or int(unet["sample_size"]) * vae_factor
     # the VAE downsamples by its factor, the UNet halves the latent once per down block after the first, and the

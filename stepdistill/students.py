@@ -69,6 +69,7 @@ def check_student_options(config) -> None:
 def build_student_unet(config, teacher_unet):
     """A full student UNet of its own shape (float32, trainable) or None when the student copies the teacher.
     Its inputs and outputs must be the teacher's: same latent channels, text width and prediction."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     if config.student_init:
@@ -88,8 +89,8 @@ def build_student_unet(config, teacher_unet):
             raise StepdistillError(f"the student UNet's {key} is {unet.config[key]}, the teacher's "
                                    f"{teacher_unet.config[key]}: a student must read and write the teacher's latents "
                                    "and text embeddings")
-    if unet.dtype != teacher_unet.dtype:
-        unet = unet.to(dtype=teacher_unet.dtype)
+    if unet.dtype != torch.float32:  # trainable: float32 also beside a half-precision teacher (precision.py)
+        unet = unet.to(dtype=torch.float32)
     return unet.to(teacher_unet.device).requires_grad_(True)
 
 

@@ -74,9 +74,10 @@ def _is_local(path: str) -> bool:
     return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
-    """One small file of a hub repository (``model_index.json``, ``vae/config.json``): from the local cache when
-    ``HF_HUB_OFFLINE`` is set, else from the cache or the hub. Every failure is one StepdistillError line."""
+def hub_file(repo_id: str, filename: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """One small file of a hub repository (``model_index.json``, ``vae/config.json``): from the local cache (the
+    default one, or ``cache_dir``) when ``HF_HUB_OFFLINE`` is set, else from the cache or the hub. Every failure is
+    one StepdistillError line."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError, RevisionNotFoundError)
@@ -84,7 +85,8 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     at = f" at revision {revision}" if revision else ""
     download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=_offline()))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=_offline()))
     except LocalEntryNotFoundError:
         if _offline():
             raise StepdistillError(
@@ -110,17 +112,17 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
             from None
 
 
-def pipeline_file(path_or_id: str, filename: str, revision: str | None = None) -> Path:
+def pipeline_file(path_or_id: str, filename: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
     """A file of a pipeline, from its folder or (a hub id) from the hub cache / the hub; one-line errors."""
     if _is_local(path_or_id):
         local = Path(path_or_id) / filename
         if not local.is_file():
             raise StepdistillError(f"{path_or_id} has no {filename}: not a complete Diffusers pipeline folder")
         return local
-    return hub_file(path_or_id, filename, revision)
+    return hub_file(path_or_id, filename, revision, cache_dir)
 
 
-def pipeline_class_name(path_or_id: str, revision: str | None = None) -> str | None:
+def pipeline_class_name(path_or_id: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
     """The pipeline class named by the model_index.json of a folder or a hub id (cached, when offline); one-line
     errors for a missing folder, an uncached or unknown hub id, or a folder that is no pipeline."""
     path = str(path_or_id)
@@ -132,12 +134,12 @@ def pipeline_class_name(path_or_id: str, revision: str | None = None) -> str | N
             raise StepdistillError(
                 f"{path} is not a Diffusers pipeline (no model_index.json); pass a folder written by "
                 "pipeline.save_pretrained() or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-    return json.loads(pipeline_file(path, "model_index.json", revision).read_text()).get("_class_name")
+    return json.loads(pipeline_file(path, "model_index.json", revision, cache_dir).read_text()).get("_class_name")
 
 
-def check_pipeline(path_or_id: str, revision: str | None = None) -> str:
+def check_pipeline(path_or_id: str, revision: str | None = None, cache_dir: str | None = None) -> str:
     """Everything about a base pipeline that can be checked without loading weights; returns its kind (sd, sdxl)."""
-    return check_supported(pipeline_class_name(path_or_id, revision), str(path_or_id))
+    return check_supported(pipeline_class_name(path_or_id, revision, cache_dir), str(path_or_id))
 
 
 def check_supported(class_name: str | None, source: str) -> str:
@@ -171,15 +173,29 @@ class Teacher:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
+    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype = torch.float32, device="cpu",
+                        vae: str | None = None, **kwargs):
+        """Load a pipeline as a frozen teacher, its weights in ``torch_dtype`` (the VAE's dtype: ``precision.
+        vae_dtype``). ``vae``: another VAE (folder or hub id) in place of the pipeline's, e.g. SDXL's fp16-safe one.
+        ``kwargs``: ``revision``, ``variant``, ``cache_dir``, passed to the hub-id path."""
         from diffusers import DiffusionPipeline
 
-        check_pipeline(str(path_or_id), kwargs.get("revision"))
+        from .precision import load_vae
+
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kind = check_pipeline(str(path_or_id), kwargs.get("revision"), kwargs.get("cache_dir"))
+        components = load_vae(str(path_or_id), kind, torch_dtype, vae, **kwargs)
         try:
-            pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs, **components)
         except OSError as e:  # e.g. a hub id whose index is cached but not its weights
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StepdistillError(f"{path_or_id}: cannot load the pipeline ({first_line})") from e
+        except ValueError as e:
+            if "variant" not in str(e) or "variant" not in kwargs:
+                raise
+            v = kwargs["variant"]
+            raise StepdistillError(f"--variant {v}: {path_or_id} has no {v} weights (files named *.{v}.safetensors); "
+                                   "drop --variant or pass a model that has them") from e
         check_supported(type(pipe).__name__, str(path_or_id))
         pipe.set_progress_bar_config(disable=True)
         for component in pipe.components.values():  # the teacher is frozen; students are made trainable
@@ -187,12 +203,26 @@ class Teacher:
                 component.requires_grad_(False).eval()
         return cls(pipe.to(device))
 
+    @classmethod
+    def for_config(cls, config, torch_dtype: torch.dtype = torch.float32, device="cpu") -> "Teacher":
+        """The teacher a training config names: base model, VAE, revision, variant, cache folder."""
+        return cls.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=torch_dtype, device=device,
+                                   vae=getattr(config, "pretrained_vae_model_name_or_path", None),
+                                   revision=config.revision, variant=getattr(config, "variant", None),
+                                   cache_dir=getattr(config, "cache_dir", None))
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype methods draw noise and hold latents in: float32, also when the frozen weights are held in half
+        precision (``weight_dtype``; autocast bridges the two, precision.py)."""
+        return torch.float32
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
         return self.unet.dtype
 
     @property
@@ -305,7 +335,9 @@ class Teacher:
         kwargs = cond.unet_kwargs()
         if timestep_cond is not None:
             kwargs["timestep_cond"] = timestep_cond
-        return unet(x_t, t, **kwargs, return_dict=False)[0]
+        # under autocast a half-precision output comes back in x_t's dtype (float32): the methods' arithmetic on
+        # predictions (guidance, x0 / ε conversions, losses) stays float32; a no-op without mixed precision
+        return unet(x_t, t, **kwargs, return_dict=False)[0].to(x_t.dtype)
 
     def guided_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                        guidance_scale: float | torch.Tensor, uncond: Conditioning | None = None, unet=None,
@@ -336,10 +368,11 @@ class Teacher:
 
     @torch.no_grad()
     def latent_dist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] → mean and std of the VAE posterior, in scaled latent space."""
-        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        """Images in [-1, 1] → mean and std of the VAE posterior, in scaled latent space (float32)."""
+        with _own_dtype(self.vae.device):
+            dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (dist.mean - shift) * self.scaling_factor, dist.std * self.scaling_factor
+        return (dist.mean.float() - shift) * self.scaling_factor, dist.std.float() * self.scaling_factor
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -351,5 +384,12 @@ class Teacher:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [0, 1]."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor + shift).sample
+        with _own_dtype(self.vae.device):
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor + shift).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _own_dtype(device: torch.device):
+    """Autocast off: the VAE computes in the dtype it is held in (SDXL's stock VAE in float32 under mixed precision,
+    as the Diffusers SDXL scripts encode outside autocast; fp16 autocast would overflow it)."""
+    return torch.autocast(device_type=device.type, enabled=False)

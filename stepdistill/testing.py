@@ -125,3 +125,55 @@ def hub_cache_snapshot(pipeline_dir: str | Path, cache_dir: str | Path, repo_id:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def build_pipeline_from_configs(directory: str | Path, configs_dir: str | Path, text_encoder: str = "tiny",
+                                seed: int = 0, max_shard_size: str = "2GB") -> Path:
+    """A pipeline folder whose UNet and VAE are built from real ``config.json`` files (random weights), e.g.
+    ``assets/real_configs/sd15`` or ``.../sdxl``: real-size networks, offline. ``text_encoder="real"`` builds the text
+    encoders from the configs too; ``"tiny"`` (2 layers) keeps the widths the UNet reads (hidden size, SDXL's pooled
+    projection), for measurements where the text encoders' size does not matter. A small tokenizer either way.
+    The weights are saved float32 in shards of ``max_shard_size`` (loading holds one shard at a time). A complete
+    folder is reused."""
+    import json
+
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    directory, configs_dir = Path(directory), Path(configs_dir)
+    out = directory / "pipeline"
+    if (out / "model_index.json").is_file():
+        return out
+
+    def read(path):
+        return {k: v for k, v in json.loads((configs_dir / path).read_text()).items() if not k.startswith("_")}
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(directory / "_tokenizer_src")
+    unet = UNet2DConditionModel.from_config(read("unet/config.json"))
+    sdxl = unet.config.addition_embed_type == "text_time"
+    encoders = []
+    for name, projection in (("text_encoder", False), ("text_encoder_2", True))[:2 if sdxl else 1]:
+        config = read(f"{name}/config.json")
+        if text_encoder == "tiny":
+            encoders.append(_text_encoder(tokenizer, config["hidden_size"], projection, config["hidden_act"]))
+            continue
+        config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        encoders.append((CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config)))
+    scheduler_config = json.loads((configs_dir / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    parts = dict(vae=AutoencoderKL.from_config(read("vae/config.json")), unet=unet, scheduler=scheduler,
+                 tokenizer=tokenizer, text_encoder=encoders[0])
+    if sdxl:
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+                                                   force_zeros_for_empty_prompt=True)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    tmp = directory / "pipeline.tmp"
+    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    tmp.rename(out)
+    return out

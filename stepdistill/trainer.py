@@ -18,6 +18,7 @@ from .data import BatchServer, build_dataset
 from .errors import StepdistillError
 from .methods.base import PhaseContext
 from .lora import trainable_state_dict
+from .precision import enable_tf32, keep_trainable_in_float32, optimizer_class, weight_dtype
 from .randomness import StepRandom
 from .preflight import preflight
 from .teacher import Teacher
@@ -62,15 +63,18 @@ class Trainer:
         logger.info("distributed: %s, %d process%s", getattr(acc.distributed_type, "value", acc.distributed_type),
                     acc.num_processes, "" if acc.num_processes == 1 else "es")
 
-        dtype = torch.float32  # the frozen base in float32 on CPU; autocast handles mixed precision on GPUs
-        self.teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=dtype,
-                                               device=acc.device, revision=config.revision)
+        if config.allow_tf32:
+            enable_tf32()
+        # mixed precision (stepdistill/precision.py): the frozen networks in fp16/bf16, trainable ones in float32
+        self.weight_dtype = weight_dtype(acc.mixed_precision)
+        self.teacher = Teacher.for_config(config, self.weight_dtype, acc.device)
         self.resolution = config.resolution  # set and checked by preflight
         self.keep = keep
         self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
                                      keep=keep)
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher, keep=keep)
+        keep_trainable_in_float32(self.method)
         if config.gradient_checkpointing:
             for net in self.method.networks.values():
                 if hasattr(net, "enable_gradient_checkpointing"):
@@ -85,7 +89,8 @@ class Trainer:
         self.optimizers, self.schedulers, self.params, self.wrapped = {}, {}, {}, {}
         for name, net in self.method.networks.items():
             params = self.method.trainable_parameters(name)
-            opt = torch.optim.AdamW(params, lr=self.method.learning_rate(name), **self.method.optimizer_kwargs(name))
+            opt = optimizer_class(config)(params, lr=self.method.learning_rate(name),
+                                          **self.method.optimizer_kwargs(name))
             updates = self._updates_of(name)
             self.schedulers[name] = _lr_scheduler(config, opt, updates)
             wrapped, self.optimizers[name] = acc.prepare(net, opt)
@@ -275,8 +280,9 @@ class Trainer:
         recipe = self.method.recipe()
         pipe = self.method.sampling_pipeline()
         prompts = self.validation_prompts()
-        images = generate(pipe, prompts, batch_size=len(prompts), seed=self.config.seed, progress=False,
-                          height=self.resolution, width=self.resolution, **recipe.call_kwargs())
+        with self.accelerator.autocast():  # float32 trainable networks beside half-precision frozen ones
+            images = generate(pipe, prompts, batch_size=len(prompts), seed=self.config.seed, progress=False,
+                              height=self.resolution, width=self.resolution, **recipe.call_kwargs())
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, path, nrow=min(8, len(prompts)), upscale=max(1, 128 // self.resolution))

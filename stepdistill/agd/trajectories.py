@@ -54,9 +54,12 @@ def prompts_sha256(prompts) -> str:
 
 def unet_signature(pipe) -> dict:
     config = pipe.unet.config
-    return {"class": type(pipe.unet).__name__, "block_out_channels": list(config.block_out_channels),
-            "cross_attention_dim": config.cross_attention_dim, "in_channels": config.in_channels,
-            "sample_size": config.sample_size, "prediction_type": pipe.scheduler.config.get("prediction_type")}
+    signature = {"class": type(pipe.unet).__name__, "block_out_channels": list(config.block_out_channels),
+                 "cross_attention_dim": config.cross_attention_dim, "in_channels": config.in_channels,
+                 "sample_size": config.sample_size, "prediction_type": pipe.scheduler.config.get("prediction_type")}
+    if pipe.unet.dtype != torch.float32:  # sampled in half precision (--mixed_precision): other trajectories
+        signature["dtype"] = str(pipe.unet.dtype).removeprefix("torch.")
+    return signature
 
 
 @dataclass

@@ -140,7 +140,7 @@ def _text_embedder(config):
     """Pooled text embeddings with the base pipeline's text encoder (the teacher, loaded once, on the CPU)."""
     from ..teacher import Teacher
 
-    teacher = Teacher.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision)
+    teacher = Teacher.for_config(config)  # float32, on the CPU; revision, variant and cache folder as training
     return lambda prompts: pooled_text_embeddings(teacher.pipe, prompts)
 
 
