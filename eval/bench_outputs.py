@@ -28,7 +28,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     outputs = {"teacher (DDIM 25, CFG 3)": None} if args.teacher else {}
     for item in args.outputs:
-        name, sep, path = item.partition("=")
+        name, sep, path = item.rpartition("=")
         if not sep:
             parser.error(f"{item!r}: expected NAME=DIR")
         outputs[name] = path
