@@ -144,7 +144,21 @@ def _snapshot(unet, head):
     return state
 
 
-def test_each_phase_changes_only_its_own_adapter(tiny_sd_path, digits_dir, tmp_path, monkeypatch):
+def _check_output(out, base):
+    """The output is the generator's LoRA alone, it changes a stock pipeline's images, and the fake score's
+    checkpoint holds its adapter (and head) alone."""
+    from diffusers import StableDiffusionPipeline
+
+    saved = load_file(str(out / LORA_WEIGHTS_NAME))
+    assert saved and not any(FAKE_SCORE_ADAPTER in k for k in saved)
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    fake = load_file(str(last / "fake_score.safetensors"))
+    assert fake and all(k.startswith(("lora.", "head.")) and f".{ADAPTER_NAME}." not in k for k in fake)
+    before, after = lora_before_after(StableDiffusionPipeline, base, out)
+    assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-3
+
+
+def test_dmd2_each_phase_changes_only_its_own_adapter(tiny_sd_path, digits_dir, tmp_path, monkeypatch):
     changed = []
     original = DMD2.after_update
 
@@ -158,8 +172,9 @@ def test_each_phase_changes_only_its_own_adapter(tiny_sd_path, digits_dir, tmp_p
 
     monkeypatch.setattr(DMD2, "after_update", spy)
     # ratio 1: G then F on every iteration; the first phase only takes the first snapshot
-    assert run(DMD2, dm_args(tiny_sd_path, tmp_path / "out", digits_dir, gan="true", dfake_gen_update_ratio=1,
-                             max_train_steps=3, learning_rate=1e-3)) == 0
+    out = tmp_path / "out"
+    assert run(DMD2, dm_args(tiny_sd_path, out, digits_dir, gan="true", dfake_gen_update_ratio=1,
+                             max_train_steps=3, learning_rate=1e-2)) == 0
     assert [p for p, _ in changed] == ["fake_score", "generator", "fake_score", "generator", "fake_score"]
     for phase, keys in changed:
         assert keys, phase
@@ -168,25 +183,17 @@ def test_each_phase_changes_only_its_own_adapter(tiny_sd_path, digits_dir, tmp_p
         else:
             assert all(f".{FAKE_SCORE_ADAPTER}." in k or k.startswith("head.") for k in keys), keys
             assert any(k.startswith("head.") for k in keys)
+    assert all(torch.isfinite(torch.tensor(r["loss_fake"])) for r in read_logs(out))
+    _check_output(out, tiny_sd_path)
 
 
-@pytest.mark.parametrize("method", [DMD2, SiD])
-def test_short_runs_train_the_generator_and_write_only_its_lora(method, tiny_sd_path, digits_dir, prompts_file,
-                                                                tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    out = tmp_path / method.name
-    extra = (dict(data=digits_dir, gan="true", dfake_gen_update_ratio=1) if method is DMD2
-             else dict(prompts=prompts_file, gradient_checkpointing="true"))
-    assert run(method, dm_args(tiny_sd_path, out, learning_rate=1e-2, **extra)) == 0
+def test_sid_with_gradient_checkpointing_trains(tiny_sd_path, prompts_file, tmp_path):
+    out = tmp_path / "sid"
+    assert run(SiD, dm_args(tiny_sd_path, out, prompts=prompts_file, learning_rate=1e-2,
+                            gradient_checkpointing="true")) == 0
     logs = read_logs(out)
-    assert all(torch.isfinite(torch.tensor(r["loss_fake"])) for r in logs)
-    saved = load_file(str(out / LORA_WEIGHTS_NAME))
-    assert saved and not any(FAKE_SCORE_ADAPTER in k for k in saved)
-    fake = load_file(str(out / "checkpoint-2" / "fake_score.safetensors"))
-    assert all(k.startswith(("lora.", "head.")) and ADAPTER_NAME + "." not in k for k in fake)
-    before, after = lora_before_after(StableDiffusionPipeline, tiny_sd_path, out)
-    assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-3
+    assert all(torch.isfinite(torch.tensor([r["loss_fake"], r["loss_sid"]])).all() for r in logs)
+    _check_output(out, tiny_sd_path)
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_sd_path, digits_dir, tmp_path):
@@ -222,3 +229,31 @@ def test_bad_input_is_one_line_before_training(argv, message, tiny_sd_path, prom
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out" / "logs.jsonl").exists()
+
+
+def test_two_processes_train_both_adapters_under_ddp(tiny_sd_path, digits_dir, tmp_path):
+    """torchrun --nproc_per_node 2: the two SharedUNetAdapter networks share one UNet under two DDP wrappers; the
+    losses equal one process with the doubled batch and the generator's adapter ends the same."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    base = dict(max_train_steps=2, dfake_gen_update_ratio=1, gan="true", gan_start_step=1,
+                gradient_checkpointing="true", checkpointing_steps=0)
+    assert run(DMD2, dm_args(tiny_sd_path, single, digits_dir, train_batch_size=4, **base)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(REPO / "train_scripts/train_dmd2.py"), *dm_args(tiny_sd_path, multi, digits_dir, train_batch_size=2,
+                                                               **base)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed: MULTI_CPU, 2 processes" in proc.stderr
+    one, two = read_logs(single), read_logs(multi)
+    for key in ("loss_dm", "loss_fake"):
+        assert all(abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) for a, b in zip(one, two)), key
+    a, b = load_file(str(single / LORA_WEIGHTS_NAME)), load_file(str(multi / LORA_WEIGHTS_NAME))
+    assert a.keys() == b.keys()
+    assert torch.cat([(a[k] - b[k]).abs().flatten() < 1e-5 for k in a]).float().mean() > 0.99
