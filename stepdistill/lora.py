@@ -112,7 +112,8 @@ def adapter_checkpointing(block, *args):
     """Diffusers' gradient-checkpointing function (non-reentrant, as Diffusers' own) that recomputes ``block`` in
     backward with the adapters that were active when it ran forward. Diffusers' default recomputes with whatever is
     active at backward time: the generator's adapter for a fake-score or teacher forward that ran under another,
-    which silently gives wrong gradients when adapters share one UNet."""
+    which raises torch's CheckpointError (recomputed tensors differ) or, where the shapes happen to agree, gives
+    silently wrong gradients."""
     from torch.utils.checkpoint import checkpoint
 
     layers = adapter_layers(block)
