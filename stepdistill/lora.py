@@ -80,7 +80,15 @@ def set_active_adapter(module, names, layers=None) -> None:
     layer of ``module``, keeping each parameter's requires_grad."""
     layers = adapter_layers(module) if layers is None else layers
     names = (names,) if isinstance(names, str) else names
-    for layer in layers:
+    if all(hasattr(layer, "_active_adapter") and hasattr(layer, "_disable_adapters") for layer in layers):
+        # the two fields PEFT's switches write (BaseTunerLayer.set_adapter / enable_adapters), without their
+        # requires_grad passes: 30 ms -> 2 ms per switch on SDXL's 788 adapter layers (CPU)
+        for layer in layers:
+            if names is not None:
+                layer._active_adapter = list(names)
+            layer._disable_adapters = names is None
+        return
+    for layer in layers:  # through PEFT's API, undoing its requires_grad changes
         flags = [(p, p.requires_grad) for p in layer.parameters()]
         if names is None:
             layer.enable_adapters(False)

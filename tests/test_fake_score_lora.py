@@ -93,6 +93,34 @@ def test_one_unet_two_disjoint_adapters_and_the_bare_teacher(tiny_sd_path, digit
     assert all(p.requires_grad for p in g_params + f_params)
 
 
+def test_adapter_switches_run_what_peft_runs(tiny_sd_path):
+    """lora.set_active_adapter writes PEFT's own two fields: the UNet then computes what PEFT's API makes it."""
+    from stepdistill.lora import add_lora, add_second_lora, set_active_adapter
+
+    unet = Teacher.from_pretrained(str(tiny_sd_path)).unet
+    add_lora(unet, 4, seed=0)
+    add_second_lora(unet, FAKE_SCORE_ADAPTER, 4, seed=1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 4, 8, 8)
+    t, text = torch.tensor([700, 300]), torch.randn(2, 77, int(unet.config.cross_attention_dim))
+    outputs = set()
+    with torch.no_grad():
+        for names in (FAKE_SCORE_ADAPTER, None, ADAPTER_NAME, (ADAPTER_NAME, FAKE_SCORE_ADAPTER)):
+            set_active_adapter(unet, names)
+            ours = unet(x, t, text).sample
+            if names is None:
+                unet.disable_adapters()
+            else:
+                unet.enable_adapters()
+                unet.set_adapter(list(names) if isinstance(names, tuple) else names)
+            assert torch.equal(ours, unet(x, t, text).sample), names
+            outputs.add(float(ours.sum()))
+    assert len(outputs) == 4
+
+
 def test_a_full_generator_with_the_fake_score_lora_on_the_teachers_unet(tiny_sd_path, prompts_file, tmp_path):
     method = _method(SiD, dm_args(tiny_sd_path, tmp_path, prompts=prompts_file, use_lora="false"))
     unet, gen, fake = method.teacher.unet, method.networks["generator"], method.networks["fake_score"]
