@@ -1,5 +1,6 @@
 """The distribution-matching family (DMD2, SiD, and kin): a generator G, a trainable fake score F (a full copy of the
-teacher UNet, optionally carrying DMD2's GAN head on its mid-block features) and the frozen teacher as the real score.
+teacher UNet, or with --fake_score_lora_rank a LoRA on the frozen base that G's LoRA and the teacher share,
+optionally carrying DMD2's GAN head on its mid-block features) and the frozen teacher as the real score.
 
 This module is the family's toolkit, not an algorithm: G's sampling over its step list with backward simulation /
 the uniform mixture of steps, the two scores' clean estimates at one noisy point, the generator's turn (a
@@ -17,12 +18,13 @@ import torch
 
 from ..config import TrainConfig, option
 from ..errors import StepdistillError
+from ..lora import ADAPTER_NAME, FAKE_SCORE_ADAPTER, add_second_lora, using_adapter
 from ..prompts import read_prompts
 from ..students import StudentShapeOptions, build_student_unet, check_student_options
 from ..teacher import Conditioning
 from .base import DistillationMethod, PhaseContext, PhaseOutput, ema_update
 from .losses import (DenoisingLoss, GeneratorLoss, ScorePair, gan_discriminator_loss, gan_generator_loss)
-from .networks import FakeScore, GANHead
+from .networks import FakeScore, GANHead, SharedUNetAdapter
 
 IMAGE_SOURCES = ("train_data_dir", "dataset_name", "train_shards")
 
@@ -49,6 +51,13 @@ class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
                                                    "before the classifier sees them (Diffusion-GAN)")
     generator_ema_decay: float = option(0.0, "EMA of a full generator (0: off); the output and the validation "
                                              "grids then use the EMA weights")
+    fake_score_lora_rank: int | None = option(None, "train the fake score as a LoRA of this rank on the frozen base "
+                                                    "UNet (with --use_lora true the generator's LoRA, the fake score "
+                                                    "and the teacher then share ONE set of UNet weights; with a full "
+                                                    "generator the LoRA sits on the teacher's); 0 or unset: a full "
+                                                    "trainable copy of the teacher")
+    fake_score_lora_alpha: float | None = option(None, "alpha of the fake score's LoRA (default: its rank, i.e. "
+                                                       "scale 1)")
 
     def image_sources(self) -> list[str]:
         return [k for k in IMAGE_SOURCES if getattr(self, k, None)]
@@ -73,6 +82,14 @@ class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
             raise StepdistillError(f"--generator_ema_decay {self.generator_ema_decay}: must be in [0, 1)")
         if self.generator_ema_decay and self.use_lora:
             raise StepdistillError("--generator_ema_decay needs a full generator (--use_lora false)")
+        if self.fake_score_lora_rank is not None and self.fake_score_lora_rank < 0:
+            raise StepdistillError(f"--fake_score_lora_rank {self.fake_score_lora_rank}: must be >= 0 (0: a full "
+                                   "copy of the teacher as the fake score)")
+        if self.fake_score_lora_alpha is not None and not self.fake_score_lora_rank:
+            raise StepdistillError("--fake_score_lora_alpha needs --fake_score_lora_rank N (N > 0): the fake score "
+                                   "is a full copy otherwise")
+        if self.fake_score_lora_alpha is not None and self.fake_score_lora_alpha <= 0:
+            raise StepdistillError(f"--fake_score_lora_alpha {self.fake_score_lora_alpha}: must be > 0")
         check_student_options(self)
 
 
@@ -131,13 +148,16 @@ class DistributionMatching(DistillationMethod):
     # ------------------------------------------------------------------ networks
     def build(self) -> None:
         c, teacher = self.config, self.teacher
-        # F first: a LoRA generator is added onto the teacher's UNet in place and must not be copied into F
-        fake_unet = copy.deepcopy(teacher.unet).requires_grad_(True)
-        head = None
-        if c.gan:
-            head = GANHead.for_unet(fake_unet, c.resolution // teacher.vae_scale_factor).to(teacher.device)
-        self.networks["fake_score"] = FakeScore(fake_unet, head)
-        self.networks["generator"] = build_student_unet(c, teacher.unet) or self.make_student()
+        if c.fake_score_lora_rank:
+            self.build_shared_fake_score()
+        else:
+            # F first: a LoRA generator is added onto the teacher's UNet in place and must not be copied into F
+            fake_unet = copy.deepcopy(teacher.unet).requires_grad_(True)
+            head = None
+            if c.gan:
+                head = GANHead.for_unet(fake_unet, c.resolution // teacher.vae_scale_factor).to(teacher.device)
+            self.networks["fake_score"] = FakeScore(fake_unet, head)
+            self.networks["generator"] = build_student_unet(c, teacher.unet) or self.make_student()
         self.ema = None
         if c.generator_ema_decay:
             self.ema = copy.deepcopy(self.networks["generator"]).requires_grad_(False)
@@ -149,13 +169,44 @@ class DistributionMatching(DistillationMethod):
             for i in range(0, min(len(self.prompts), 20_000), 256):
                 teacher.encode_prompt(self.prompts[i:i + 256], c.resolution)
 
+    def build_shared_fake_score(self) -> None:
+        """F as a second LoRA on the teacher's frozen UNet (ProlificDreamer's VSD trains its variational score as a
+        LoRA of the frozen diffusion model). With a LoRA generator, G (adapter "default"), F (adapter "fake_score")
+        and the teacher (adapters off) are one UNet; each network is a ``SharedUNetAdapter`` whose parameters are
+        its adapter's alone. Official DMD2 keeps F as a full copy (sd_guidance.py fake_unet) and needs FSDP for
+        SDXL; this holds one UNet."""
+        c, teacher = self.config, self.teacher
+        # G first: a full generator copies the teacher's UNet before F's adapter goes onto it
+        generator = build_student_unet(c, teacher.unet) or self.make_student()
+        # its own seed: F's LoRA A matrices differ from G's (both B start at 0, so F starts as the teacher)
+        add_second_lora(teacher.unet, FAKE_SCORE_ADAPTER, c.fake_score_lora_rank, c.fake_score_lora_alpha,
+                        seed=c.seed + 1)
+        head = None
+        if c.gan:
+            head = GANHead.for_unet(teacher.unet, c.resolution // teacher.vae_scale_factor).to(teacher.device)
+        self.networks["fake_score"] = SharedUNetAdapter(teacher.unet, FAKE_SCORE_ADAPTER, head)
+        if generator is teacher.unet:  # a LoRA generator: the network is its adapter, not the UNet carrying F's too
+            generator = SharedUNetAdapter(teacher.unet, ADAPTER_NAME)
+        self.networks["generator"] = generator
+
     def learning_rate(self, name: str) -> float:
         if name == "fake_score" and self.config.fake_score_learning_rate is not None:
             return self.config.fake_score_learning_rate
         return self.config.learning_rate
 
     def student_unet(self):
-        return self.ema if self.ema is not None else self.networks["generator"]
+        if self.ema is not None:
+            return self.ema
+        generator = self.networks["generator"]
+        # a shared UNet at rest runs G's adapter only: it samples as G
+        return generator.shared_unet if isinstance(generator, SharedUNetAdapter) else generator
+
+    def teacher_mode(self):
+        """The teacher: with a LoRA fake score, the teacher's UNet with every adapter off (F's sits there too, also
+        beside a full generator); otherwise as every method."""
+        if self.config.fake_score_lora_rank:
+            return using_adapter(self.teacher.unet, None)
+        return super().teacher_mode()
 
     # ------------------------------------------------------------------ EMA
     def after_update(self, phase, step):
@@ -232,8 +283,10 @@ class DistributionMatching(DistillationMethod):
         its adapters off, so it is not held twice."""
         teacher, g = self.teacher, self.guidance
         with self.teacher_mode() as unet:
-            # non-reentrant checkpointing would recompute this forward in backward with the adapters back ON
-            pause = torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False)
+            # non-reentrant checkpointing would recompute this forward in backward with the adapters back ON (a
+            # shared UNet under a LoRA fake score checkpoints with lora.adapter_checkpointing, which replays them off)
+            pause = torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False) \
+                and not self.config.fake_score_lora_rank
             if pause:
                 unet.disable_gradient_checkpointing()
             try:

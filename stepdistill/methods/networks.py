@@ -1,5 +1,6 @@
-"""Networks that are not UNets: DMD2's GAN head, and the mid-block feature trunk that both DMD2's head (on the fake
-score) and TSCD's adversarial term (on the frozen teacher) read."""
+"""Networks that are not UNets: DMD2's GAN head, the mid-block feature trunk that both DMD2's head (on the fake
+score) and TSCD's adversarial term (on the frozen teacher) read, and the fake score (a full copy, or one LoRA adapter
+of a UNet the generator and the teacher share)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from ..lora import adapter_checkpointing, adapter_layers, using_adapter
 
 
 class GANHead(nn.Sequential):
@@ -77,3 +80,38 @@ class FakeScore(nn.Module):
 
     def enable_gradient_checkpointing(self):
         self.unet.enable_gradient_checkpointing()
+
+
+class SharedUNetAdapter(nn.Module):
+    """One LoRA adapter of a UNet that other networks share (DMD2 / SiD with --fake_score_lora_rank: the generator's
+    adapter, the fake score's adapter and the teacher are one set of UNet weights; ProlificDreamer's VSD trains its
+    variational score as a LoRA on the frozen diffusion model the same way). Its forward runs the shared UNet with
+    only this adapter active (and the GAN head on the mid-block features with ``classify=True``, as ``FakeScore``),
+    then puts back whatever was active. The UNet is NOT a submodule: this module's parameters are the adapter's
+    LoRA matrices (and the head), so that its optimiser, its DDP wrapper and its checkpoint hold exactly those."""
+
+    def __init__(self, unet: nn.Module, adapter: str, head: GANHead | None = None):
+        super().__init__()
+        object.__setattr__(self, "shared_unet", unet)  # plain attribute: not registered, not in parameters()
+        self.adapter = adapter
+        self._layers = adapter_layers(unet)
+        lora, ids = {}, {id(m) for m in self._layers}
+        for path, layer in unet.named_modules():
+            if id(layer) in ids:
+                parts = {k: getattr(layer, k)[adapter] for k in ("lora_A", "lora_B") if adapter in getattr(layer, k)}
+                if parts:
+                    lora[path.replace(".", "/")] = nn.ModuleDict(parts)  # the same modules the UNet runs
+        if not lora:
+            raise ValueError(f"the UNet carries no adapter named {adapter!r}")
+        self.lora = nn.ModuleDict(lora)
+        self.head = head
+
+    def forward(self, sample, timestep, *args, classify: bool = False, **kwargs):
+        with using_adapter(self.shared_unet, self.adapter, self._layers) as unet:
+            if not classify:
+                return unet(sample, timestep, *args, **kwargs)
+            return self.head(mid_block_features(unet, sample, timestep, *args, **kwargs).float())
+
+    def enable_gradient_checkpointing(self):
+        # the recomputation in backward must run the adapter that ran forward, not whichever is active by then
+        self.shared_unet.enable_gradient_checkpointing(adapter_checkpointing)
