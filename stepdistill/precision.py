@@ -62,7 +62,9 @@ def keep_trainable_in_float32(method) -> None:
         for p in net.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # what diffusers.training_utils.cast_training_params does
-        for module in net.modules():
+        # a SharedUNetAdapter (a LoRA fake score) runs a UNet it does not register: its LoRA layers are there
+        shared = getattr(net, "shared_unet", None)
+        for module in [*net.modules(), *(shared.modules() if shared is not None else ())]:
             base = getattr(module, "base_layer", None)
             if hasattr(module, "cast_input_dtype_enabled") and getattr(base, "weight", torch.empty(0)).dtype in (
                     torch.float16, torch.bfloat16):
