@@ -88,3 +88,28 @@ def lora_before_after(pipeline_class, base, output_dir, prompt: str = "a digit",
     pipe.load_lora_weights(output_dir)
     after = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
     return before, after
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    """A few prompts for the data-free distribution-matching runs."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a digit\nthe number one\na red digit\na small blue number\n")
+    return path
+
+
+def dm_args(model, out, data=None, prompts=None, **overrides) -> list[str]:
+    """A short distribution-matching run: train_args, two steps, and --prompts_file when given."""
+    overrides.setdefault("max_train_steps", 2)
+    return train_args(model, data, out, **overrides) + (["--prompts_file", str(prompts)] if prompts else [])
+
+
+def build_method(cls, argv):
+    """A method object as the trainer builds it (config parsed, resolution checked), without training."""
+    from stepdistill.config import parse_config
+    from stepdistill.preflight import check_resolution
+    from stepdistill.teacher import Teacher
+
+    config = parse_config(cls.config_class, argv)
+    check_resolution(config)
+    return cls(config, Teacher.from_pretrained(config.pretrained_model_name_or_path))

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, lora_before_after, read_logs, train_args
+from conftest import REPO, dm_args, lora_before_after, read_logs
+from conftest import build_method as _method
 
 import stepdistill
 from stepdistill.config import parse_config
@@ -21,27 +22,10 @@ from stepdistill.methods.sid import SiD, SiDConfig, sid_timesteps
 from stepdistill.randomness import StepRandom
 from stepdistill.recipe import Recipe
 from stepdistill.teacher import Teacher
-from stepdistill.preflight import check_resolution
 from stepdistill.trainer import run
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a digit\nthe number one\na red digit\na small blue number\n")
-    return path
 
-
-def dm_args(model, out, data=None, prompts=None, **overrides) -> list[str]:
-    overrides.setdefault("max_train_steps", 2)
-    args = train_args(model, data, out, **overrides)
-    return args + (["--prompts_file", str(prompts)] if prompts else [])
-
-
-def _method(cls, argv):
-    config = parse_config(cls.config_class, argv)
-    check_resolution(config)
-    return cls(config, Teacher.from_pretrained(config.pretrained_model_name_or_path))
 
 
 # ------------------------------------------------------------------------------------------ losses, fixed tensors

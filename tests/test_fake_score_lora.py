@@ -3,40 +3,27 @@ adapter, the fake score's adapter and the teacher are one UNet. Each phase chang
 is the bare base, gradients through a checkpointed shared UNet are those without checkpointing, short runs train,
 the output is the generator's LoRA alone, resume equals an uninterrupted run, and bad input is one line."""
 
-import copy
 
 import pytest
 import torch
-from conftest import lora_before_after, read_logs, train_args
+from conftest import build_method as _method
+from conftest import dm_args as conftest_dm_args
+from conftest import lora_before_after, read_logs
 from safetensors.torch import load_file
 
-from stepdistill.config import parse_config
 from stepdistill.lora import ADAPTER_NAME, FAKE_SCORE_ADAPTER, LORA_WEIGHTS_NAME, active_adapter
 from stepdistill.methods.dmd2 import DMD2
 from stepdistill.methods.networks import SharedUNetAdapter
 from stepdistill.methods.sid import SiD
-from stepdistill.preflight import check_resolution
 from stepdistill.teacher import Teacher
 from stepdistill.trainer import run
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a digit\nthe number one\na red digit\na small blue number\n")
-    return path
-
 
 def dm_args(model, out, data=None, prompts=None, **overrides) -> list[str]:
-    overrides.setdefault("max_train_steps", 2)
     overrides.setdefault("fake_score_lora_rank", 4)
-    return train_args(model, data, out, **overrides) + (["--prompts_file", str(prompts)] if prompts else [])
+    return conftest_dm_args(model, out, data, prompts, **overrides)
 
-
-def _method(cls, argv):
-    config = parse_config(cls.config_class, argv)
-    check_resolution(config)
-    return cls(config, Teacher.from_pretrained(config.pretrained_model_name_or_path))
 
 
 def _kick(adapter_net, scale=0.05):

@@ -168,10 +168,16 @@ class MSDTraining:
         extra = list(dict.fromkeys(p for p in data_captions + list(config.validation_prompts)
                                    if p not in self.parts))
         if extra:
-            embed = _text_embedder(config) if self.router.kind == "kmeans" else None
+            embed = self._embedder() if self.router.kind == "kmeans" else None
             self.parts.update(zip(extra, self.router.route(extra, embed(extra) if embed else None)))
         sizes = [sum(1 for s in dataset.samples if self.parts[s.caption] == k) for k in range(config.num_students)]
         logger.info("MSD partition (%s, K=%d): samples per student %s", config.partition, config.num_students, sizes)
+
+    def _embedder(self):
+        """The pooled-text embedder, loaded once for the router and the validation prompts."""
+        if getattr(self, "_embed", None) is None:
+            self._embed = _text_embedder(self.config)
+        return self._embed
 
     def _router(self) -> Router:
         path = self.output_dir / ROUTER_JSON
@@ -185,7 +191,7 @@ class MSDTraining:
                 raise StepdistillError(f"{self.output_dir}: its router was built from other data ({unknown[0]!r} "
                                        "is new); use a new --output_dir")
             return router
-        embed = _text_embedder(self.config) if self.config.partition == "kmeans" else None
+        embed = self._embedder() if self.config.partition == "kmeans" else None
         router = build_router(self.config, self.captions, embed)
         if self.main_process:
             router.save(self.output_dir)
