@@ -102,6 +102,28 @@ def resolve_checkpoint(output_dir: str | Path, resume: str | None, method: str) 
     return path
 
 
+def check_init_checkpoint(path: str | Path | None, method: str) -> Path | None:
+    """``--init_from_checkpoint``: a checkpoint directory written by the same method (weights only are read)."""
+    if not path:
+        return None
+    path = Path(path)
+    if not (path / STATE_NAME).is_file():
+        raise StepdistillError(f"--init_from_checkpoint {path}: not a stepdistill checkpoint (no {STATE_NAME}); pass "
+                               "a checkpoint-N directory of an earlier run")
+    saved = json.loads((path / STATE_NAME).read_text())
+    if saved.get("method") != method:
+        raise StepdistillError(f"--init_from_checkpoint {path}: it was written by method {saved.get('method')!r}, "
+                               f"not {method!r}")
+    return path
+
+
+def load_checkpoint_weights(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The module tensors of a checkpoint alone (no optimizer state), by module name."""
+    path = Path(path)
+    meta = json.loads((path / STATE_NAME).read_text())
+    return {name: load_file(path / f"{name}.safetensors") for name in meta["modules"]}
+
+
 def load_checkpoint(path: str | Path, *, optimizers: dict, schedulers: dict) -> tuple[int, dict, dict]:
     """Restore optimizers and schedulers in place; return (step, module tensors by name, extra)."""
     path = Path(path)

@@ -97,6 +97,12 @@ class TrainConfig:
     checkpointing_steps: int = option(500, "save a resumable checkpoint every N iterations")
     checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint directory")
+    init_from_checkpoint: str | None = option(None, "start the networks from the weights of a checkpoint of the same "
+                                                    "method, with fresh optimizers, schedule and iteration count: a "
+                                                    "recipe's later stage (DMD2's GAN stage from its DM stage, "
+                                                    "official ckpt_only_path); networks the checkpoint lacks (a new "
+                                                    "GAN head) keep their initialisation; a checkpoint of this run "
+                                                    "to resume wins")
     report_to: str | None = option(None, "tensorboard | wandb", choices=(None, "tensorboard", "wandb"))
     validation_steps: int = option(0, "write a sample grid every N iterations (0: only at the end)")
     save_output_steps: list[int] = option([], "also write the complete output at these iterations, into "

@@ -160,9 +160,9 @@ def _webdataset(pattern: str, caption_column: str) -> list[Sample]:
     return samples
 
 
-def build_dataset(config, resolution: int, need_images: bool, keep=None) -> ImageCaptionDataset:
-    """The dataset named by the config (exactly one source), validated before any training work. ``keep``
-    (caption → bool) selects a part of it (an MSD student's prompts), before --max_train_samples applies."""
+def data_source(config, need_images: bool) -> tuple[str, str]:
+    """The one data source of a run, (option, value), checked without reading it: called by the preflight, so a
+    missing or doubled source is an error before any weights load."""
     sources = {k: getattr(config, k) for k in ("train_data_dir", "dataset_name", "train_shards", "prompts_file")
                if getattr(config, k, None)}
     image_sources = {k: v for k, v in sources.items() if k != "prompts_file"}
@@ -171,8 +171,22 @@ def build_dataset(config, resolution: int, need_images: bool, keep=None) -> Imag
                                "--train_shards")
     if len(image_sources) > 1:
         raise StepdistillError(f"pass one image source, not {', '.join('--' + k for k in image_sources)}")
-    if image_sources:
-        kind, value = next(iter(image_sources.items()))
+    if not sources:
+        raise StepdistillError("pass --prompts_file (one prompt per line) or an image source (--train_data_dir, "
+                               "--dataset_name or --train_shards)")
+    kind, value = next(iter(image_sources.items())) if image_sources else ("prompts_file", sources["prompts_file"])
+    if kind == "train_data_dir" and value != BUILTIN_TINY_DIGITS and not Path(value).is_dir():
+        raise StepdistillError(f"--train_data_dir {value}: no such directory")
+    if kind == "prompts_file" and not Path(value).is_file():
+        raise StepdistillError(f"--prompts_file {value}: no such file")
+    return kind, str(value)
+
+
+def build_dataset(config, resolution: int, need_images: bool, keep=None) -> ImageCaptionDataset:
+    """The dataset named by the config (exactly one source), validated before any training work. ``keep``
+    (caption → bool) selects a part of it (an MSD student's prompts), before --max_train_samples applies."""
+    kind, value = data_source(config, need_images)
+    if kind != "prompts_file":
         if kind == "train_data_dir":
             samples = _image_folder(value, config.caption_column)
         elif kind == "dataset_name":
@@ -180,9 +194,7 @@ def build_dataset(config, resolution: int, need_images: bool, keep=None) -> Imag
         else:
             samples = _webdataset(value, config.caption_column)
     else:
-        if "prompts_file" not in sources:
-            raise StepdistillError("pass --prompts_file (one prompt per line) or an image source")
-        samples = [Sample(p) for p in read_prompts(sources["prompts_file"])]
+        samples = [Sample(p) for p in read_prompts(value)]
     if keep is not None:
         samples = [s for s in samples if keep(s.caption)]
         if not samples:

@@ -9,7 +9,8 @@ import math
 import os
 from pathlib import Path
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import check_init_checkpoint, resolve_checkpoint
+from .data import data_source
 from .errors import StepdistillError
 from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
@@ -40,8 +41,10 @@ def preflight(config, method_cls) -> None:
         raise StepdistillError(f"--save_output_steps {bad}: steps must lie in 1..--max_train_steps "
                                f"({config.max_train_steps})")
     check_lr_schedule(config)
+    data_source(config, method_cls.requires_images(config))
     _check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
+    check_init_checkpoint(getattr(config, "init_from_checkpoint", None), method_cls.name)
     check_resolution(config)
     check_vae(config, _component_config(str(config.pretrained_model_name_or_path), "vae", config.revision,
                                         getattr(config, "cache_dir", None)))

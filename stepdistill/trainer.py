@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_checkpoint_weights, resolve_checkpoint, save_checkpoint
 from .data import BatchServer, build_dataset
 from .errors import StepdistillError
 from .methods.base import PhaseContext
@@ -101,6 +101,8 @@ class Trainer:
         resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
         if resume is not None:
             self._restore(resume)
+        elif config.init_from_checkpoint:
+            self._init_from(Path(config.init_from_checkpoint))
         self._trim_log()
         if config.report_to and acc.is_main_process:
             acc.init_trackers(f"stepdistill-{method_cls.name}", config={k: v for k, v in vars(config).items()
@@ -179,6 +181,25 @@ class Trainer:
         self.method.load_extra_state({k: v for k, v in modules.items() if k not in self.method.networks})
         self.step = step
         logger.info("resumed from %s at step %d", path, step)
+
+    def _init_from(self, path: Path) -> None:
+        """The networks' weights of another run's checkpoint (same method, same shapes), nothing else of it."""
+        modules = load_checkpoint_weights(path)
+        for name, net in self.method.networks.items():
+            own, saved = trainable_state_dict(net), modules.get(name, {})
+            foreign = sorted(k for k in saved if k not in own or saved[k].shape != own[k].shape)
+            if foreign:
+                raise StepdistillError(f"--init_from_checkpoint {path}: {len(foreign)} tensors of {name} do not fit "
+                                       f"this run (e.g. {foreign[0]}): another model, LoRA rank or student shape")
+            net.load_state_dict(saved, strict=False)
+            fresh = len(set(own) - set(saved))
+            logger.info("%s: %d tensors from %s%s", name, len(saved), path,
+                        f", {fresh} kept at their initialisation" if fresh else "")
+        missing = [k for k in self.method.ema_copies() if k not in modules]
+        if missing:
+            raise StepdistillError(f"--init_from_checkpoint {path}: the checkpoint has no {', '.join(missing)}; "
+                                   "start the EMA in the run that writes the checkpoint, or drop it")
+        self.method.load_extra_state({k: v for k, v in modules.items() if k not in self.method.networks})
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:

@@ -65,9 +65,10 @@ def test_guidance_scale_read_back_from_the_pipelines_embedding(tiny_sd_path):
 
 def test_trains_loads_into_a_stock_pipeline_one_evaluation_per_step(tiny_sd_path, prompts_file, tmp_path):
     out = tmp_path / "agd"
-    assert run("agd", agd_args(tiny_sd_path, out, prompts_file)) == 0
+    assert run("agd", agd_args(tiny_sd_path, out, prompts_file, num_inference_steps=2)) == 0
     recipe = stepdistill.Recipe.load(out)
     assert recipe.adapter == "agd" and recipe.extra["guidance_range"] == [1.0, 5.0]
+    assert recipe.num_inference_steps == 2  # trajectories of 3 steps, sampled at the steps asked for
     base = _pipe(tiny_sd_path)
     cfg = {w: _images(base, w) for w in (2.0, 4.0)}
     pipe = stepdistill.load(_pipe(tiny_sd_path), out)

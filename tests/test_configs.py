@@ -67,3 +67,78 @@ def test_msd_config_is_the_single_dmd2_run_per_student():
     own = {f.name for f in dataclasses.fields(MSDOptions)}
     assert {f.name: getattr(msd, f.name) for f in dataclasses.fields(dmd2)} == dataclasses.asdict(dmd2)
     assert msd.num_students == 4 and msd.partition == "classes" and len(msd.partition_classes) == 10 and own
+
+
+# ------------------------------------------------------------------------------------------ SD 1.5 / SDXL recipes
+RECIPES = REPO / "train_scripts" / "configs"
+REAL_CONFIGS = REPO / "assets" / "real_configs"
+# the hub ids the recipes name, and the committed config files that stand in for them (no weights: preflight reads
+# configs alone)
+HUB_FIXTURES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+                "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+                "madebyollin/sdxl-vae-fp16-fix": "sdxl-vae-fp16-fix"}
+RECIPE_METHOD = {"lcm_lora": "lcm", "lcm": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step_lora": "dmd2",
+                 "sid": "sid", "sid_4step": "sid", "agd": "agd", "msd": "msd"}
+
+
+def recipe_files() -> list[Path]:
+    return sorted(p for model in ("sd15", "sdxl") for p in (RECIPES / model).glob("*.yaml"))
+
+
+def fake_hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache holding the recipes' base models as their config files alone, so the preflight reads
+    the hub-id path offline exactly as on a user's machine after `hf download`."""
+    import shutil
+
+    revision = "0" * 40
+    for repo_id, fixture in HUB_FIXTURES.items():
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(REAL_CONFIGS / fixture, repo / "snapshots" / revision)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+def recipe_config(path: Path, tmp_path: Path, monkeypatch):
+    """The recipe parsed with a data source of the kind its method reads (the recipes name none: the user's data) and
+    the fake hub cache."""
+    name = path.stem
+    method_name = RECIPE_METHOD[name]
+    if method_name == "msd":
+        from stepdistill.msd.train import msd_config_class
+
+        probe = parse_config(msd_config_class("dmd2"), ["--config", str(path), "--output_dir", "unused"])
+        config_class, method = msd_config_class(probe.method), get_method(probe.method)
+    else:
+        method = get_method(method_name)
+        config_class = method.config_class
+    data = tmp_path / "data"
+    data.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--config", str(path), "--output_dir", str(tmp_path / "out"),
+            "--cache_dir", str(fake_hub_cache(tmp_path / "hub"))]
+    needs_images = method.requires_images(parse_config(config_class, argv))
+    if needs_images:
+        argv += ["--train_data_dir", str(data)]
+    if method.name in ("sid", "agd") or (method.name == "dmd2" and not needs_images):
+        argv += ["--prompts_file", str(prompts)]
+    return parse_config(config_class, argv), method
+
+
+def test_every_recipe_is_covered():
+    assert recipe_files() and {p.stem for p in recipe_files()} <= set(RECIPE_METHOD)
+    assert {p.parent.name for p in recipe_files()} == {"sd15", "sdxl"}
+
+
+@pytest.mark.parametrize("path", recipe_files(), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipe_passes_preflight_against_the_real_configs(path, tmp_path, monkeypatch):
+    """Each recipe, as a user runs it (hub ids, no local paths), passes every check the trainer makes before weights
+    load, against the committed public configs: resolution against the VAE and UNet, precision, VAE, schedule."""
+    config, method = recipe_config(path, tmp_path, monkeypatch)
+    preflight(config, method)
+    model = HUB_FIXTURES[config.pretrained_model_name_or_path]
+    native = 1024 if model == "sdxl" else 512
+    assert config.resolution == native  # the base model's own resolution, read from its configs
+    assert config.max_train_steps >= 1000 and config.validation_prompts

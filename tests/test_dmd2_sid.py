@@ -173,6 +173,45 @@ def test_generator_updates_every_ratio_th_iteration_and_gan_starts_late(tiny_sd_
     assert {r["depth"] for r in logs if "depth" in r} <= {0.0, 1.0}
 
 
+def test_a_gan_stage_starts_from_the_dm_stages_weights_with_fresh_optimizers(tiny_sd_path, digits_dir, prompts_file,
+                                                                             tmp_path, capsys):
+    """DMD2 SD 1.5's recipe: a DM stage, then a GAN stage from its weights at a lower learning rate (official
+    ckpt_only_path): --init_from_checkpoint loads the generator and fake score, the new GAN head starts fresh, the
+    optimizers take the new learning rate and the iteration count starts at 0."""
+    from stepdistill.checkpoint import load_checkpoint_weights
+    from stepdistill.lora import trainable_state_dict
+    from stepdistill.trainer import Trainer
+
+    stage1 = tmp_path / "dm"
+    assert run(DMD2, dm_args(tiny_sd_path, stage1, digits_dir, use_lora="false", checkpointing_steps=2,
+                             dfake_gen_update_ratio=1)) == 0
+    ckpt = stage1 / "checkpoint-2"
+    saved = load_checkpoint_weights(ckpt)
+    argv = dm_args(tiny_sd_path, tmp_path / "gan", digits_dir, use_lora="false", gan="true", learning_rate=5e-7,
+                   fake_score_learning_rate=5e-7) + ["--init_from_checkpoint", str(ckpt)]
+    trainer = Trainer(parse_config(DMD2.config_class, argv), DMD2)
+    nets = trainer.method.networks
+    for name in ("generator", "fake_score"):
+        own = trainable_state_dict(nets[name])
+        assert all(torch.equal(own[k], v) for k, v in saved[name].items())
+    head = [k for k in trainable_state_dict(nets["fake_score"]) if k not in saved["fake_score"]]
+    assert head and all(k.startswith("head.") for k in head)  # only the new GAN head is fresh
+    assert trainer.step == 0
+    assert {g["lr"] for o in trainer.optimizers.values() for g in o.param_groups} == {5e-7}
+    assert all(not o.state for o in trainer.optimizers.values())  # no Adam moments carried over
+
+    # a checkpoint of another method, or of another shape, is a one-line error before training
+    for extra, message in ((["--init_from_checkpoint", str(tmp_path)], "not a stepdistill checkpoint"),
+                           (["--init_from_checkpoint", str(ckpt), "--use_lora", "true"], "do not fit this run")):
+        argv = dm_args(tiny_sd_path, tmp_path / "bad", digits_dir) + extra
+        assert run(DMD2, argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], err
+    assert run(SiD, dm_args(tiny_sd_path, tmp_path / "bad", prompts=prompts_file) + ["--init_from_checkpoint",
+                                                                                  str(ckpt)]) == 2
+    assert "written by method 'dmd2', not 'sid'" in capsys.readouterr().err
+
+
 def test_sid_updates_both_networks_every_iteration_unless_given_a_ratio(tiny_sd_path, prompts_file, tmp_path):
     for ratio, expected in ((1, [1, 2, 3, 4, 5]), (2, [1, 3, 5])):
         out = tmp_path / f"ratio{ratio}"

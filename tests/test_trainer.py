@@ -145,6 +145,28 @@ def test_bad_input_is_one_line_before_training(argv_extra, yaml_text, message, t
     assert not (tmp_path / "out" / "logs.jsonl").exists()
 
 
+@pytest.mark.parametrize("method, overrides, message", [
+    ("lcm", {"train_data_dir": None}, "this method trains on images: pass --train_data_dir"),
+    ("lcm", {"train_shards": "x/{0..1}.tar"}, "pass one image source, not --train_data_dir, --train_shards"),
+    ("lcm", {"train_data_dir": "no/such/folder"}, "--train_data_dir no/such/folder: no such directory"),
+    ("sid", {"train_data_dir": None}, "SiD is data-free: pass --prompts_file (one prompt per line)"),
+    ("dmd2", {"train_data_dir": None}, "DMD2 needs prompts: pass --prompts_file"),
+    ("sid", {"train_data_dir": None, "prompts_file": "no/such/prompts.txt"}, "--prompts_file no/such/prompts.txt: "
+     "no such file"),
+])
+def test_data_source_errors_come_before_any_weights_load(method, overrides, message, tiny_sd_path, digits_dir,
+                                                         tmp_path, capsys, monkeypatch):
+    import stepdistill.trainer as trainer
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights loaded before the data source was checked")
+
+    monkeypatch.setattr(trainer.Teacher, "for_config", no_loading)
+    assert run(method, train_args(tiny_sd_path, digits_dir, tmp_path / "o", **overrides)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_unknown_argument(tiny_sd_path, digits_dir, tmp_path, capsys):
     assert run("lcm", train_args(tiny_sd_path, digits_dir, tmp_path / "o") + ["--learnin_rate", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -42,6 +42,8 @@ class AGDConfig(TrainConfig):
     trajectory_batch_size: int = option(16, "trajectories sampled per call; they share one w")
     trajectory_dir: str | None = option(None, "where the trajectories are (made when missing; default: a folder "
                                               "under ~/.cache/stepdistill/agd named after their settings)")
+    num_inference_steps: int | None = option(None, "sampler steps written into the recipe (default: "
+                                                   "--trajectory_steps; official SD sampling: 50)")
     inference_guidance_scale: float = option(3.0, "the guidance scale written into the recipe (any w in the "
                                                   "trained range works)")
     learning_rate: float = option(1e-4, "learning rate of the adapters (official 1e-4)")
@@ -56,9 +58,10 @@ class AGDConfig(TrainConfig):
         if self.guidance_range[1] >= 30:
             raise StepdistillError(f"--guidance_range: {self.guidance_range[1]:g} is too high (the pipeline's "
                                    "guidance embedding carries w < 30 exactly)")
-        if min(self.hidden_dim, self.trajectory_steps, self.num_trajectories, self.trajectory_batch_size) < 1:
-            raise StepdistillError("--hidden_dim, --trajectory_steps, --num_trajectories and "
-                                   "--trajectory_batch_size must be at least 1")
+        if min(self.hidden_dim, self.trajectory_steps, self.num_trajectories, self.trajectory_batch_size,
+               self.num_inference_steps or 1) < 1:
+            raise StepdistillError("--hidden_dim, --trajectory_steps, --num_trajectories, --trajectory_batch_size "
+                                   "and --num_inference_steps must be at least 1")
         if self.hidden_dim % 2:
             raise StepdistillError(f"--hidden_dim {self.hidden_dim}: must be even (sinusoidal position encoding)")
         if not self.prompts_file:
@@ -138,7 +141,7 @@ class AGD(DistillationMethod):
     def recipe(self) -> Recipe:
         c = self.config
         return Recipe(method="agd", base_model=str(c.pretrained_model_name_or_path), adapter="agd",
-                      scheduler=type(self.teacher.pipe.scheduler).__name__, num_inference_steps=c.trajectory_steps,
+                      scheduler=type(self.teacher.pipe.scheduler).__name__, num_inference_steps=c.num_inference_steps or c.trajectory_steps,
                       guidance_scale=c.inference_guidance_scale,
                       extra={"guidance_range": list(c.guidance_range),
                              "note": "pass guidance_scale=w within guidance_range: one UNet evaluation per step"})
