@@ -19,7 +19,8 @@ from stepdistill.plots import plot_series  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rows", nargs="+", help="SERIES:K:ITERATIONS_PER_STUDENT:QUALITY_JSON")
+    parser.add_argument("rows", nargs="+", help="SERIES:K:ITERATIONS_PER_STUDENT:QUALITY_JSON, or "
+                                                "SERIES:K:ITERATIONS_PER_STUDENT:=FID,AGREEMENT for a recorded figure")
     parser.add_argument("--teacher_fid", type=float, required=True)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -27,8 +28,12 @@ def main() -> None:
     print("| series | K | iterations per student | total iterations | digits-FID | FID / teacher | prompt agreement |")
     print("|---|---|---|---|---|---|---|")
     for item in args.rows:
-        name, k, iterations, path = item.rsplit(":", 3)
-        row = next(r for r in json.loads(Path(path).read_text())["rows"] if r["nfe"] == 1)
+        name, k, iterations, source = item.rsplit(":", 3)
+        if source.startswith("="):  # a figure recorded by an earlier run whose json is not at hand: =FID,AGREEMENT
+            fid, agreement = map(float, source[1:].split(","))
+            row = {"digits_fid": fid, "prompt_agreement": agreement}
+        else:
+            row = next(r for r in json.loads(Path(source).read_text())["rows"] if r["nfe"] == 1)
         k, iterations = int(k), int(iterations)
         print(f"| {name} | {k} | {iterations} | {k * iterations} | {row['digits_fid']:.3f} | "
               f"{row['digits_fid'] / args.teacher_fid:.2f}x | {100 * row['prompt_agreement']:.1f} % |")

@@ -48,15 +48,16 @@ def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Pa
     """Line chart of a few named series of (x, y) points, with the values printed at the points (PIL only)."""
     from PIL import Image, ImageDraw
 
-    colors = ["navy", "darkred", "darkgreen", "darkorange", "purple"]
+    colors = ["navy", "darkred", "darkgreen", "darkorange", "purple", "teal", "saddlebrown"]
     points = [p for s in series.values() for p in s]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
     pad = 0.08 * ((yhi - ylo) or 1.0)
     ylo, yhi = ylo - pad, yhi + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
     x0, x1, y0, y1 = 50, width - 20, 30, height - 60
+    legend_rows = (len(series) + 1) // 2  # two per row below the axis; the canvas grows past two rows
+    canvas = Image.new("RGB", (width, height + 12 * max(0, legend_rows - 2)), "white")
+    draw = ImageDraw.Draw(canvas)
 
     def at(x, y):
         return (x0 + (x - xlo) / ((xhi - xlo) or 1.0) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
