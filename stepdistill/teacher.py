@@ -8,6 +8,7 @@ Methods pass their own UNet (a student, a fake score) to the same functions, so 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -149,6 +150,20 @@ def check_supported(class_name: str | None, source: str) -> str:
     return SUPPORTED_PIPELINES[class_name]
 
 
+PROMPT_CACHE_BYTES = 4 * 2**30  # host memory for prompt embeddings: ~36k SD 1.5 captions in bf16, ~17k SDXL ones
+
+
+def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """An embedding's own copy in host memory (a row of a batch would keep the whole batch alive), pinned beside a
+    GPU so the copy back overlaps."""
+    t = t.detach().to("cpu", copy=True)
+    return t.pin_memory() if pin else t
+
+
+def _nbytes(entry) -> int:
+    return sum(t.numel() * t.element_size() for t in entry if t is not None)
+
+
 class Teacher:
     """A Stable Diffusion (1.x, 2.x incl. v-prediction) or SDXL pipeline seen as a denoiser with a schedule."""
 
@@ -169,7 +184,11 @@ class Teacher:
 
             alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # prompt embeddings, kept in host memory (pinned beside a GPU) and bounded: the least recently used go first
+        # (a distinct SD 1.5 caption holds 77 x 768 values; 120k captions would fill an 80 GB GPU)
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.prompt_cache_bytes = PROMPT_CACHE_BYTES
+        self._prompt_cache_used = 0
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -308,13 +327,23 @@ class Teacher:
     def encode_prompt(self, prompts: Sequence[str], resolution: int | None = None) -> Conditioning:
         """Encode prompts (each distinct prompt once per Teacher, then served from the cache)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        cache = self._prompt_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        found = {p: cache[p] for p in dict.fromkeys(prompts) if p in cache}
+        for p in found:
+            cache.move_to_end(p)
         if missing:
-            self._prompt_cache.update(zip(missing, self._encode_uncached(missing)))
-        embeds = torch.stack([self._prompt_cache[p][0] for p in prompts])
+            pin = self.device.type == "cuda"
+            for p, (e, pooled) in zip(missing, self._encode_uncached(missing)):
+                e, pooled = _host(e, pin), None if pooled is None else _host(pooled, pin)
+                found[p] = cache[p] = (e, pooled)
+                self._prompt_cache_used += _nbytes(cache[p])
+            while self._prompt_cache_used > self.prompt_cache_bytes and len(cache) > 1:
+                self._prompt_cache_used -= _nbytes(cache.popitem(last=False)[1])
+        embeds = torch.stack([found[p][0] for p in prompts]).to(self.device, non_blocking=True)
         if self.kind == "sd":
             return Conditioning(embeds)
-        pooled = torch.stack([self._prompt_cache[p][1] for p in prompts])
+        pooled = torch.stack([found[p][1] for p in prompts]).to(self.device, non_blocking=True)
         return Conditioning(embeds, pooled, self.add_time_ids(len(prompts), resolution))
 
     def uncond(self, batch_size: int, resolution: int | None = None) -> Conditioning:

@@ -124,6 +124,34 @@ def test_prompt_cache_encodes_each_prompt_once(sd):
     assert torch.equal(again[0].prompt_embeds, first[1].prompt_embeds)
 
 
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_prompt_cache_is_bounded_least_recently_used_in_host_memory(model, tiny_sd_path, tiny_sdxl_path):
+    """Embeddings live in host memory (their own copies, not rows of a batch) and the cache holds at most
+    prompt_cache_bytes: the least recently used go first, and a prompt encoded again is the same tensor."""
+    teacher = Teacher.from_pretrained(str(tiny_sd_path if model == "sd" else tiny_sdxl_path))
+    prompts = [f"a drawing of the digit {d}" for d in range(6)]
+    reference = teacher.encode_prompt(prompts)
+    one = teacher._prompt_cache[prompts[0]]
+    per_prompt = sum(t.numel() * t.element_size() for t in one if t is not None)
+    assert one[0].device.type == "cpu" and one[0].untyped_storage().nbytes() == one[0].numel() * one[0].element_size()
+
+    bounded = Teacher.from_pretrained(str(tiny_sd_path if model == "sd" else tiny_sdxl_path))
+    bounded.prompt_cache_bytes = 2 * per_prompt
+    first = bounded.encode_prompt(prompts)
+    assert list(bounded._prompt_cache) == prompts[-2:]  # the two most recent
+    bounded.encode_prompt([prompts[4]])  # touched: now the most recent
+    bounded.encode_prompt([prompts[0]])  # evicted long ago: encoded again, pushes out prompts[5]
+    assert list(bounded._prompt_cache) == [prompts[4], prompts[0]]
+    again = bounded.encode_prompt(prompts)
+    # encoded in the same batches: bit for bit; encoded again in other batches: equal up to the text encoder's
+    # batch-size rounding (SDXL's pooled projection differs in the last bit), the price of an eviction
+    same = torch.equal
+    for cond, match in ((first, same), (again, lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=0))):
+        assert match(cond.prompt_embeds, reference.prompt_embeds)
+        if model == "sdxl":
+            assert match(cond.pooled_prompt_embeds, reference.pooled_prompt_embeds)
+
+
 def test_encode_matches_the_pipelines_own_encoding(sd):
     ours = sd.encode_prompt(["a cat on the moon"]).prompt_embeds
     theirs, _ = sd.pipe.encode_prompt("a cat on the moon", "cpu", 1, False)
