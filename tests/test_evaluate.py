@@ -90,7 +90,7 @@ def test_clip_score_end_to_end_through_the_cli(tiny_sd_path, prompts_file, tiny_
     assert p["nfe_per_image"] == 2  # guidance 1: no unconditional half
     assert p["num_inference_steps"] == 2 and len(p["timesteps"]) == 2
     assert p["prompts"]["num_distinct"] == 3 and p["prompts"]["cycled"]
-    assert p["seconds_per_image"] > 0
+    assert p["seconds_per_image"] > 0 and p["num_processes"] == 1
     assert sorted(f.name for f in (out / "images").iterdir()) == [f"{i:05d}.png" for i in range(5)]
     assert (out / "grid.png").is_file()
     assert '"clip_score"' in capsys.readouterr().out
@@ -271,3 +271,31 @@ def test_cli_prints_bad_input_as_one_line(tmp_path, capsys):
                      "--prompts_file", str(tmp_path / "p.txt"), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("stepdistill: error:") and "missing_model" in err and "\n" not in err
+
+
+class UpdateOnly:
+    """A plug-in metric with ``update`` only (no ``features``/``add_features``): fed every batch from the files."""
+
+    def __init__(self, args, base_model, device):
+        self.seen = []
+
+    def update(self, images, prompts):
+        self.seen.append((images.shape[0], list(prompts)))
+
+    def compute(self):
+        return {"batches_seen": [n for n, _ in self.seen], "prompts_seen": [p for _, ps in self.seen for p in ps]}
+
+    def protocol(self):
+        return {}
+
+
+def test_a_metric_with_update_only_sees_every_batch_in_order(tiny_sd_path, prompts_file, tmp_path, monkeypatch):
+    from stepdistill.evaluation.registry import METRICS, MetricSpec
+
+    monkeypatch.setitem(METRICS, "update_only", MetricSpec("update_only", UpdateOnly, ("batches_seen",)))
+    result = run_eval(eval_args("--pretrained_model_name_or_path", tiny_sd_path, "--prompts_file", prompts_file,
+                                "--num_images", 5, "--batch_size", 2, "--num_inference_steps", 1,
+                                "--guidance_scale", 1, "--metrics", "update_only", "--output_dir", tmp_path / "o"))
+    assert result["batches_seen"] == [2, 2, 1]
+    prompts = ["a red cat", "a blue dog on the moon", "a small house"]
+    assert result["prompts_seen"] == [prompts[i % 3] for i in range(5)]

@@ -7,6 +7,7 @@ registered metrics and record the protocol that makes the numbers comparable.
 - ``registry``: metrics and extractors by name; worlds plug theirs in (``stepdistill.toy.digits_metric``)
 - ``sampler``: the one generation path (evaluation, validation grids, the tiny-digits scorer)
 - ``pipeline``, ``protocol``, ``run``: ``run_eval`` (``stepdistill eval``); ``ref_stats``: ``run_ref_stats``
+- ``shard``: a multi-process run's share of the batches and the collectives that join the shares
 - ``bench``: what the sampler costs beyond its UNet evaluations; ``cli``: the command-line arguments
 """
 

@@ -13,6 +13,7 @@ from .protocol import METRICS_NAME
 from .ref_stats import run_ref_stats
 from .registry import extractors, metrics
 from .run import run_eval
+from .shard import is_main_process
 
 
 def _add_extractor_args(parser) -> None:
@@ -87,6 +88,8 @@ def add_ref_stats_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _print_eval(args) -> None:
     result = run_eval(args)
+    if not is_main_process():  # a sharded run prints once
+        return
     keys = [key for spec in metrics().values() for key in spec.result_keys]
     scores = {k: result[k] for k in keys if k in result}
     p = result["protocol"]

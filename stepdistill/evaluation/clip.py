@@ -116,12 +116,25 @@ class ClipMetric:
             first_line = str(e).splitlines()[0]
             raise StepdistillError(f"--clip_model {args.clip_model}: cannot load CLIP ({first_line})") from e
         self.model, self.device = args.clip_model, device
+        self.total, self.count = torch.tensor(0.0), torch.tensor(0)
+
+    def features(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """A batch's summed scores and its count (what a sharded run gathers): torchmetrics' own states after this
+        batch alone."""
+        self.score.reset()
+        self.score.update(images.to(self.device), prompts)
+        return self.score.metric.score.detach().cpu().clone(), self.score.metric.n_samples.detach().cpu().clone()
+
+    def add_features(self, features: tuple[Tensor, Tensor], prompts: list[str]) -> None:
+        score, count = features
+        self.total, self.count = self.total + score, self.count + count
 
     def update(self, images: Tensor, prompts: list[str]) -> None:
-        self.score.update(images.to(self.device), prompts)
+        self.add_features(self.features(images, prompts), prompts)
 
     def compute(self) -> dict[str, float]:
-        return {"clip_score": self.score.compute()}
+        # CLIPScore.compute on the summed states
+        return {"clip_score": float(torch.max(self.total / self.count, torch.zeros_like(self.total)))}
 
     def protocol(self) -> dict[str, Any]:
         return {"clip": {"model": str(self.model), "score_scale": CLIP_SCALE}}

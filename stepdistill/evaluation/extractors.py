@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -162,9 +163,21 @@ class FidMetric:
             raise StepdistillError(f"--reference_stats {args.reference_stats} has {len(self.stats.mu)} features but "
                                    f"--fid_extractor {args.fid_extractor} gives {num_features(self.metric)}")
 
+    @torch.no_grad()
+    def features(self, images, prompts: list[str]) -> torch.Tensor:
+        """float64 features ``(N, D)`` of a batch, on the CPU (what a sharded run gathers)."""
+        return self.metric.inception(preprocess_images(images, self.args.preprocess).to(self.device)).cpu()
+
+    def add_features(self, features: torch.Tensor, prompts: list[str]) -> None:
+        """Accumulate a batch's features on the fake side, as ``FrechetInceptionDistance.update`` does."""
+        features = features.to(self.device)
+        self.metric.fake_features_sum += features.sum(dim=0)
+        self.metric.fake_features_cov_sum += features.t().mm(features)
+        self.metric.fake_features_num_samples += features.shape[0]
+        self.count += len(features)
+
     def update(self, images, prompts: list[str]) -> None:
-        self.metric.update(preprocess_images(images, self.args.preprocess).to(self.device), real=False)
-        self.count += len(images)
+        self.add_features(self.features(images, prompts), prompts)
 
     def compute(self) -> dict[str, float]:
         fake = fid.stats_from_fid(self.metric, real=False)

@@ -19,7 +19,7 @@ METRICS_NAME = "metrics.json"
 SEEDING = "image i uses torch.Generator().manual_seed(seed + i); batches are fixed index ranges of batch_size"
 CFG = "Diffusers convention eps_u + w (eps_c - eps_u); on when w > 1 and the UNet is not guidance-conditioned"
 TIMING = ("wall clock of the pipeline calls (prompt encoding, UNet, scheduler, VAE decode; not PNG writing) over "
-          "every run that generated images for this directory")
+          "every run that generated images for this directory, summed over its processes (so per process)")
 
 
 def json_safe(value: Any) -> Any:
@@ -76,6 +76,8 @@ def protocol_record(args, *, num_images: int, prompt_info: dict, scorers: dict[s
         "nfe_per_image": state["unet_samples"] / max(state["generated_images"], 1),
         "seconds_per_image": state["generation_seconds"] / max(state["generated_images"], 1),
         "timing": TIMING,
+        # the processes of the (last) run that generated images; every image is the same whatever their number
+        "num_processes": state.get("num_processes", 1),
         "resolution": [call_kwargs["height"], call_kwargs["width"]], "seed": args.seed, "seeding": SEEDING,
         "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
         "images": str((output_dir / IMAGES_DIR).resolve()), "grid": str(grid.resolve()),

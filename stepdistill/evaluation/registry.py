@@ -25,6 +25,11 @@ PLUGINS = ["stepdistill.toy.digits_metric"]
 
 
 class Metric(Protocol):
+    """A metric may also define ``features(images, prompts) -> object`` (picklable, small: e.g. the batch's
+    extractor features) and ``add_features(features, prompts)``, with ``update`` = both in turn; then a sharded
+    evaluation computes each batch's features on the process that owns it and adds them all, in batch order, on the
+    main process. A metric with ``update`` only is fed every batch on the main process instead."""
+
     def update(self, images: torch.Tensor, prompts: list[str]) -> None:
         """A batch of generated uint8 images ``(N, 3, H, W)`` and their prompts, in image order."""
 

@@ -4,12 +4,19 @@ the chosen metrics and write ``metrics.json``.
 Every input is checked before the pipeline runs, so a typo costs seconds, not an hour of sampling. Images are
 written as ``images/{i:05d}.png`` as they are made and image i always uses seed ``seed + i`` in a fixed batch, so an
 interrupted run resumes to exactly the files an uninterrupted one writes.
+
+Launched with several processes (``torchrun --nproc_per_node N`` or ``accelerate launch``), the missing batches are
+dealt out among them (:mod:`.shard`): each process writes the images it generated, scores its share of the batches,
+and the main process gathers the per-batch features, feeds them to the metrics in batch order (the order of one
+process, so the numbers are those of one process) and alone writes ``generation.json``, ``grid.png`` and
+``metrics.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,8 +32,10 @@ from .pipeline import device_name, prepare_pipeline, sampler_settings, scheduler
 from .protocol import GENERATION_NAME, METRICS_NAME, fingerprint, protocol_record, read_generation
 from .registry import Metric, metrics
 from .sampler import Sampler
+from .shard import Shard
 
 logger = logging.getLogger(__name__)
+COUNTS = ("generated_images", "unet_samples", "generation_seconds")
 
 
 def normalise_metrics(values: Sequence[str]) -> list[str]:
@@ -39,37 +48,88 @@ def normalise_metrics(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _generate_missing(pipe, call_kwargs: dict, prompts: list[str], batches: list[range], args, output_dir: Path,
-                      state: dict) -> None:
+def _write_json(path: Path, value: dict) -> None:
+    # write then rename: an interruption never leaves a truncated file a resume would fail to read
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _merged(state: dict, parts: list[dict], num_processes: int) -> dict:
+    """``generation.json`` after this run: the earlier runs' counts plus every process's own."""
+    out = dict(state)
+    for part in parts:
+        for key in COUNTS:
+            out[key] += part[key]
+        if out["timesteps"] is None:
+            out["timesteps"] = part["timesteps"]
+    if any(part["generated_images"] for part in parts):
+        out["num_processes"] = num_processes
+    return out
+
+
+def _generate_missing(pipe, call_kwargs: dict, prompts: list[str], todo: list[range], args, output_dir: Path,
+                      state: dict, shard: Shard) -> dict:
+    """Generate this process's share of ``todo`` and write its images; returns ``generation.json`` (on the main
+    process: with every process's counts; elsewhere: this process's only)."""
     sampler = Sampler(pipe, call_kwargs)
-    # a batch with any image missing is redone whole, so every image is computed in the same batch as before
-    todo = [b for b in batches if not all(image_path(output_dir, i).is_file() for i in b)]
-    bar = tqdm(total=sum(len(b) for b in todo), desc="generating", unit="img", disable=args.no_progress)
-    for batch in todo:
+    mine = shard.split(todo)
+    own = {"generated_images": 0, "unet_samples": 0, "generation_seconds": 0.0, "timesteps": None}
+    bar = tqdm(total=sum(len(b) for b in mine), desc="generating", unit="img",
+               disable=args.no_progress or not shard.is_main)
+    for batch in mine:
         before = sampler.counter.samples
         start = time.perf_counter()
         images = sampler([prompts[i] for i in batch], [args.seed + i for i in batch])
-        state["generation_seconds"] += time.perf_counter() - start
-        state["unet_samples"] += sampler.counter.samples - before
-        state["generated_images"] += len(batch)
-        if state["timesteps"] is None:
-            state["timesteps"] = [int(t) if float(t).is_integer() else round(float(t), 4)
-                                  for t in pipe.scheduler.timesteps.tolist()]
+        own["generation_seconds"] += time.perf_counter() - start
+        own["unet_samples"] += sampler.counter.samples - before
+        own["generated_images"] += len(batch)
+        if own["timesteps"] is None:
+            own["timesteps"] = [int(t) if float(t).is_integer() else round(float(t), 4)
+                                for t in pipe.scheduler.timesteps.tolist()]
         for i, image in zip(batch, images):
             if not image_path(output_dir, i).is_file():
                 save_png(image, image_path(output_dir, i))
-        # after the images, so the counts never claim images an interruption lost
-        (output_dir / GENERATION_NAME).write_text(json.dumps(state, indent=2))
+        if shard.is_main:
+            # after the images, so the counts never claim images an interruption lost (the other processes'
+            # counts join at the end)
+            _write_json(output_dir / GENERATION_NAME, _merged(state, [own], shard.num_processes))
         bar.update(len(batch))
     bar.close()
+    parts = shard.gather(own)
+    if not shard.is_main:
+        return _merged(state, [own], shard.num_processes)
+    state = _merged(state, parts, shard.num_processes)
+    _write_json(output_dir / GENERATION_NAME, state)
+    return state
 
 
-def _score(args, output_dir: Path, prompts: list[str], batches: list[range], scorers: dict[str, Metric]) -> dict:
-    """Scores streamed from the written files, so a resumed run scores exactly what an uninterrupted one does."""
-    for batch in tqdm(batches, desc="scoring", unit="batch", disable=args.no_progress):
-        images = load_images([image_path(output_dir, i) for i in batch])
-        for scorer in scorers.values():
-            scorer.update(images, [prompts[i] for i in batch])
+def _score(args, output_dir: Path, prompts: list[str], batches: list[range], scorers: dict[str, Metric],
+           shard: Shard) -> dict | None:
+    """Scores streamed from the written files, so a resumed run scores exactly what an uninterrupted one does.
+
+    A metric with ``features``/``add_features`` has its per-batch features computed by the process that owns the
+    batch, gathered, and added on the main process in batch order; one with ``update`` only is fed there from the
+    files. Returns the scores on the main process, ``None`` elsewhere."""
+    sharded = {n: s for n, s in scorers.items() if hasattr(s, "features") and hasattr(s, "add_features")}
+    rest = {n: s for n, s in scorers.items() if n not in sharded}
+    local: dict[int, dict[str, Any]] = {}
+    mine = shard.split(range(len(batches))) if sharded else []
+    for k in tqdm(mine, desc="scoring", unit="batch", disable=args.no_progress or not shard.is_main):
+        images = load_images([image_path(output_dir, i) for i in batches[k]])
+        local[k] = {n: s.features(images, [prompts[i] for i in batches[k]]) for n, s in sharded.items()}
+    parts = shard.gather(local)
+    if not shard.is_main:
+        return None
+    features = {k: v for part in parts for k, v in part.items()}
+    for k, batch in enumerate(batches):
+        batch_prompts = [prompts[i] for i in batch]
+        for name, scorer in sharded.items():
+            scorer.add_features(features[k][name], batch_prompts)
+        if rest:
+            images = load_images([image_path(output_dir, i) for i in batch])
+            for scorer in rest.values():
+                scorer.update(images, batch_prompts)
     result: dict[str, Any] = {}
     for scorer in scorers.values():
         result.update(scorer.compute())
@@ -77,7 +137,8 @@ def _score(args, output_dir: Path, prompts: list[str], batches: list[range], sco
 
 
 def run_eval(args) -> dict:
-    """Generate (or resume) the images, score them and write ``metrics.json``; returns its content."""
+    """Generate (or resume) the images, score them and write ``metrics.json``; returns its content (on every process
+    of a sharded run)."""
     args.metrics = normalise_metrics(args.metrics)
     specs = [spec for name, spec in metrics().items() if name in args.metrics]  # in registration order
     device = device_name(args.device)
@@ -107,9 +168,10 @@ def run_eval(args) -> dict:
     prompt_info["cycled"] = num_images > len(prompts_all)
     prompts = [prompts_all[i % len(prompts_all)] for i in range(num_images)]
 
-    if "fid" not in args.metrics and (args.reference_dir or args.reference_stats):
+    shard = Shard()  # after the input checks: a typo fails every process alike before any rendezvous
+    if "fid" not in args.metrics and (args.reference_dir or args.reference_stats) and shard.is_main:
         logger.warning("a FID reference was given but --metrics has no fid; it is ignored")
-    scorers = {spec.name: spec.factory(args, base_model, device) for spec in specs}
+    scorers = {spec.name: spec.factory(args, base_model, shard.device(device)) for spec in specs}
 
     output_dir = Path(args.output_dir)
     previous = read_generation(output_dir)
@@ -117,27 +179,36 @@ def run_eval(args) -> dict:
         raise StepdistillError(f"--output_dir {output_dir}: holds images but no {GENERATION_NAME}, so they cannot "
                                "be resumed safely; use an empty directory")
 
-    pipe, call_kwargs = prepare_pipeline(args, base_model, recipe, settings, device)
+    pipe, call_kwargs = prepare_pipeline(args, base_model, recipe, settings, shard.device(device))
     fp = fingerprint(args, base_model, Path(base_model).exists(), pipe, call_kwargs, prompt_info["sha256"])
     if previous is not None and previous.get("fingerprint") != fp:
         changed = sorted(k for k in fp if previous.get("fingerprint", {}).get(k) != fp[k])
         raise StepdistillError(f"--output_dir {output_dir}: holds images of another run (differs in "
                                f"{', '.join(changed)}); use a new --output_dir or delete it")
-    if previous is not None and previous.get("batch_size") != args.batch_size:
+    if previous is not None and previous.get("batch_size") != args.batch_size and shard.is_main:
         logger.warning("resuming with --batch_size %d instead of %s: images may differ in the last bits",
                        args.batch_size, previous.get("batch_size"))
 
-    # ---- generation (resumable), then scoring
-    (output_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    # ---- generation (resumable, dealt out among the processes), then scoring
     state = previous or {"fingerprint": fp, "generated_images": 0, "unet_samples": 0,
                          "generation_seconds": 0.0, "timesteps": None}
     state["batch_size"] = args.batch_size
     batches = [range(s, min(s + args.batch_size, num_images)) for s in range(0, num_images, args.batch_size)]
-    _generate_missing(pipe, call_kwargs, prompts, batches, args, output_dir, state)
-    result = _score(args, output_dir, prompts, batches, scorers)
-    grid = write_eval_grid(output_dir, num_images)
-    result["protocol"] = protocol_record(
-        args, num_images=num_images, prompt_info=prompt_info, scorers=scorers, fingerprint=fp, recipe=recipe,
-        settings=settings, state=state, call_kwargs=call_kwargs, device=device, output_dir=output_dir, grid=grid)
-    (output_dir / METRICS_NAME).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    # a batch with any image missing is redone whole, so every image is computed in the same batch as before
+    todo = [b for b in batches if not all(image_path(output_dir, i).is_file() for i in b)]
+    shard.barrier()  # every process has read the directory before any writes to it
+    if shard.is_main:
+        (output_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        _write_json(output_dir / GENERATION_NAME, state)  # before any image, so an interrupted run can resume
+    shard.barrier()
+    state = _generate_missing(pipe, call_kwargs, prompts, todo, args, output_dir, state, shard)
+    shard.barrier()  # every image is on disk before any process scores
+    result = _score(args, output_dir, prompts, batches, scorers, shard)
+    if shard.is_main:
+        grid = write_eval_grid(output_dir, num_images)
+        result["protocol"] = protocol_record(
+            args, num_images=num_images, prompt_info=prompt_info, scorers=scorers, fingerprint=fp, recipe=recipe,
+            settings=settings, state=state, call_kwargs=call_kwargs, device=device, output_dir=output_dir,
+            grid=grid)
+        _write_json(output_dir / METRICS_NAME, result)
+    return shard.broadcast(result)

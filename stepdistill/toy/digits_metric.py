@@ -53,9 +53,17 @@ class DigitsMetric:
         self.images: list[torch.Tensor] = []
         self.prompts: list[str] = []
 
-    def update(self, images: torch.Tensor, prompts: list[str]) -> None:
+    def features(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """What a sharded run gathers: the batch itself. A 16x16 digit weighs about what its features do, and
+        classifying all images together at the end keeps the scores independent of the batch size."""
+        return images
+
+    def add_features(self, images: torch.Tensor, prompts: list[str]) -> None:
         self.images.append(images)
         self.prompts += prompts
+
+    def update(self, images: torch.Tensor, prompts: list[str]) -> None:
+        self.add_features(images, prompts)
 
     def compute(self) -> dict[str, float]:
         scores = self.judge.score(torch.cat(self.images), self.prompts)
