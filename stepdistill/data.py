@@ -179,7 +179,24 @@ def data_source(config, need_images: bool) -> tuple[str, str]:
         raise StepdistillError(f"--train_data_dir {value}: no such directory")
     if kind == "prompts_file" and not Path(value).is_file():
         raise StepdistillError(f"--prompts_file {value}: no such file")
+    if kind == "train_shards":
+        _check_local_shards(value)
     return kind, str(value)
+
+
+def _check_local_shards(pattern: str) -> None:
+    """Local shards a --train_shards pattern names must exist (URLs and pipe: sources are the loader's to open)."""
+    if "://" in pattern or pattern.startswith("pipe:"):
+        return
+    try:
+        from braceexpand import braceexpand  # webdataset's own pattern expansion
+    except ImportError:
+        return  # webdataset is missing: building the dataset says so
+    shards = list(braceexpand(pattern))
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise StepdistillError(f"--train_shards {pattern}: {len(missing)} of {len(shards)} shards do not exist "
+                               f"(first: {missing[0]}); check the path and the {{000..099}} range")
 
 
 def build_dataset(config, resolution: int, need_images: bool, keep=None) -> ImageCaptionDataset:
