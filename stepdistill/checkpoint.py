@@ -82,6 +82,17 @@ def save_checkpoint(output_dir: str | Path, step: int, *, method: str, modules: 
     return final
 
 
+def _checked(path: Path, option: str, method: str, fix: str) -> Path:
+    """A checkpoint directory named by ``option``, written by ``method``."""
+    if not (path / STATE_NAME).is_file():
+        raise StepdistillError(f"{option} {path}: not a stepdistill checkpoint (no {STATE_NAME})")
+    saved = json.loads((path / STATE_NAME).read_text())
+    if saved.get("method") != method:
+        raise StepdistillError(f"{option} {path}: it was written by method {saved.get('method')!r}, not {method!r}; "
+                               f"{fix}")
+    return path
+
+
 def resolve_checkpoint(output_dir: str | Path, resume: str | None, method: str) -> Path | None:
     """The checkpoint directory to resume from (None to start fresh), checked against the method."""
     if not resume:
@@ -93,28 +104,15 @@ def resolve_checkpoint(output_dir: str | Path, resume: str | None, method: str) 
         path = found[-1]
     else:
         path = Path(resume)
-        if not (path / STATE_NAME).is_file():
-            raise StepdistillError(f"--resume_from_checkpoint {resume}: not a stepdistill checkpoint (no {STATE_NAME})")
-    saved = json.loads((path / STATE_NAME).read_text())
-    if saved.get("method") != method:
-        raise StepdistillError(f"--resume_from_checkpoint {path}: it was written by method {saved.get('method')!r}, "
-                               f"not {method!r}; point it at a {method} run or start fresh")
-    return path
+    return _checked(path, "--resume_from_checkpoint", method, f"point it at a {method} run or start fresh")
 
 
 def check_init_checkpoint(path: str | Path | None, method: str) -> Path | None:
     """``--init_from_checkpoint``: a checkpoint directory written by the same method (weights only are read)."""
     if not path:
         return None
-    path = Path(path)
-    if not (path / STATE_NAME).is_file():
-        raise StepdistillError(f"--init_from_checkpoint {path}: not a stepdistill checkpoint (no {STATE_NAME}); pass "
-                               "a checkpoint-N directory of an earlier run")
-    saved = json.loads((path / STATE_NAME).read_text())
-    if saved.get("method") != method:
-        raise StepdistillError(f"--init_from_checkpoint {path}: it was written by method {saved.get('method')!r}, "
-                               f"not {method!r}")
-    return path
+    return _checked(Path(path), "--init_from_checkpoint", method,
+                    f"pass a checkpoint-N directory of an earlier {method} run")
 
 
 def load_checkpoint_weights(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -133,5 +131,4 @@ def load_checkpoint(path: str | Path, *, optimizers: dict, schedulers: dict) -> 
         opt.load_state_dict(_join_optimizer_state(tensors, meta["optimizers"][name]))
     for name, sched in schedulers.items():
         sched.load_state_dict(meta["schedulers"][name])
-    modules = {name: load_file(path / f"{name}.safetensors") for name in meta["modules"]}
-    return int(meta["step"]), modules, meta.get("extra", {})
+    return int(meta["step"]), load_checkpoint_weights(path), meta.get("extra", {})

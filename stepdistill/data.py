@@ -203,13 +203,12 @@ def build_dataset(config, resolution: int, need_images: bool, keep=None) -> Imag
     """The dataset named by the config (exactly one source), validated before any training work. ``keep``
     (caption → bool) selects a part of it (an MSD student's prompts), before --max_train_samples applies."""
     kind, value = data_source(config, need_images)
-    if kind != "prompts_file":
-        if kind == "train_data_dir":
-            samples = _image_folder(value, config.caption_column)
-        elif kind == "dataset_name":
-            samples = _hf_dataset(value, config.image_column, config.caption_column)
-        else:
-            samples = _webdataset(value, config.caption_column)
+    if kind == "train_data_dir":
+        samples = _image_folder(value, config.caption_column)
+    elif kind == "dataset_name":
+        samples = _hf_dataset(value, config.image_column, config.caption_column)
+    elif kind == "train_shards":
+        samples = _webdataset(value, config.caption_column)
     else:
         samples = [Sample(p) for p in read_prompts(value)]
     if keep is not None:

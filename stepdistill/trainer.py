@@ -185,6 +185,10 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         """The networks' weights of another run's checkpoint (same method, same shapes), nothing else of it."""
         modules = load_checkpoint_weights(path)
+        missing = [k for k in self.method.ema_copies() if k not in modules]
+        if missing:
+            raise StepdistillError(f"--init_from_checkpoint {path}: the checkpoint has no {', '.join(missing)}; "
+                                   "start the EMA in the run that writes the checkpoint, or drop it")
         for name, net in self.method.networks.items():
             own, saved = trainable_state_dict(net), modules.get(name, {})
             foreign = sorted(k for k in saved if k not in own or saved[k].shape != own[k].shape)
@@ -195,10 +199,6 @@ class Trainer:
             fresh = len(set(own) - set(saved))
             logger.info("%s: %d tensors from %s%s", name, len(saved), path,
                         f", {fresh} kept at their initialisation" if fresh else "")
-        missing = [k for k in self.method.ema_copies() if k not in modules]
-        if missing:
-            raise StepdistillError(f"--init_from_checkpoint {path}: the checkpoint has no {', '.join(missing)}; "
-                                   "start the EMA in the run that writes the checkpoint, or drop it")
         self.method.load_extra_state({k: v for k, v in modules.items() if k not in self.method.networks})
 
     # ------------------------------------------------------------------ the loop
