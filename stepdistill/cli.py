@@ -1,5 +1,5 @@
 """The ``stepdistill`` command. Subcommands: ``train METHOD``, ``toy build|export-data|quality``, ``eval``,
-``ref-stats``, ``demo``."""
+``ref-stats``, ``export``, ``demo``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,13 @@ def _demo(args) -> None:
     run_demo(args.output_dir, model=args.model, num_images=args.num_images)
 
 
+def _export(args) -> None:
+    from .export import to_kohya
+
+    out = to_kohya(args.directory, args.output, base_family=args.base_family)
+    print(f"wrote {out}")
+
+
 def _require_world(path: str) -> None:
     p = Path(path)
     if not (p / "model_index.json").is_file():
@@ -156,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(WORLD_DIR))
     p.add_argument("--num_images", type=int, default=1000)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("export", help="write a LoRA output as one file for other tools (kohya: A1111, ComfyUI)")
+    p.add_argument("directory", help="a stepdistill output folder with a LoRA")
+    p.add_argument("--format", default="kohya", choices=("kohya",), help="kohya: lora_unet_* keys with .alpha")
+    p.add_argument("--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--base_family", default=None, choices=("sd1", "sd2", "sdxl"),
+                   help="the base model family (default: read from the base model's configs)")
+    p.set_defaults(func=_export)
     from .agd.cli import register as register_agd
     from .evaluation import register as register_evaluation
 

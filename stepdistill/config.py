@@ -21,10 +21,14 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")
 
 
-def option(default, help: str, choices: tuple | None = None, **kwargs):
-    metadata = {"help": help}
+def option(default, help: str, choices: tuple | None = None, prose: bool = False, **kwargs):
+    """A config field with its help text. ``choices`` limit the value (each item of a list); ``prose`` marks a
+    list of free text (prompts): each command-line argument is one item, never split at commas."""
+    metadata: dict[str, Any] = {"help": help}
     if choices:
         metadata["choices"] = choices
+    if prose:
+        metadata["prose"] = True
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -103,13 +107,24 @@ class TrainConfig:
                                                     "official ckpt_only_path); networks the checkpoint lacks (a new "
                                                     "GAN head) keep their initialisation; a checkpoint of this run "
                                                     "to resume wins")
-    report_to: str | None = option(None, "tensorboard | wandb", choices=(None, "tensorboard", "wandb"))
+    report_to: str | None = option(None, "send scalars, gradient norms and validation grids to a tracker: "
+                                         "tensorboard (written under output_dir), wandb, or all (both)",
+                                   choices=(None, "tensorboard", "wandb", "all"))
+    tracker_project_name: str | None = option(None, "the tracker's project / run name (default: stepdistill-METHOD)")
     validation_steps: int = option(0, "write a sample grid every N iterations (0: only at the end)")
     save_output_steps: list[int] = option([], "also write the complete output at these iterations, into "
                                               "output_dir/snapshots/step-N (budget curves from one run: with a "
                                               "constant learning rate a snapshot is the output of the shorter run)")
-    validation_prompts: list[str] = option([], "prompts of the validation grid, e.g. 'a cat|a dog' (default: the "
-                                               "first 8 training captions)")
+    validation_prompts: list[str] = option([], "prompts of the validation grid, one argument each (commas stay in "
+                                               "the prompt): --validation_prompts 'a cat, asleep' 'a dog'; or "
+                                               "'a cat|a dog' (default: the first 8 training captions)",
+                                           prose=True)
+    export: list[str] = option([], "also write the LoRA in these single-file formats at the end: kohya "
+                                   "(output_dir/kohya_lora.safetensors, for AUTOMATIC1111 and ComfyUI)",
+                               choices=("kohya",))
+    push_to_hub: bool = option(False, "upload the output folder (weights, recipe, card, samples; no checkpoints) "
+                                      "to the Hugging Face Hub at the end (huggingface_hub; needs a login)")
+    hub_model_id: str | None = option(None, "the Hub repository for --push_to_hub, e.g. user/sd15-lcm-lora")
     dataloader_num_workers: int = option(0, "worker processes that load images")
 
 
@@ -218,22 +233,62 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise StepdistillError(f"{message} (see --help)")
 
 
+def _split_prose(values: list[str]) -> list[str]:
+    """A prose list from its command-line arguments: one item per argument; "|" inside an argument also separates
+    (so a one-string form exists for YAML-less callers); commas never do."""
+    return [item.strip() for v in values for item in v.split("|") if item.strip()]
+
+
+class _ProseListAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, _split_prose(values))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """The field's default as --help shows it."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        value = f.default
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) if value else "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_choices(config) -> None:
+    """Every option with choices holds one of them (each item of a list option): the command line's argparse
+    check also covers YAML values and the Python API."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if not choices or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                known = ", ".join(str(c) for c in choices if c is not None)
+                raise StepdistillError(f"--{f.name} {item}: expected one of {known}")
+
+
 def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentParser:
-    parser = _OneLineErrors(prog=prog, description=(config_class.__doc__ or "").strip(),
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _OneLineErrors(prog=prog, description=(config_class.__doc__ or "").strip())
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
     for f in fields(config_class):
         tp = _field_type(f, config_class)
         # argparse %-formats help texts: a literal "10 %" must be "10 %%"
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
+        text = f"{f.metadata.get('help', '')} (default: {_default_text(f)})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
         parse = _scalar_parser(tp)
-        if parse is _parse_bool:
+        if f.metadata.get("prose"):
+            kwargs.update(nargs="+", action=_ProseListAction, metavar="TEXT")
+        elif parse is _parse_bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         elif isinstance(parse, ListOf):
             kwargs.update(action=_ListAction, parse=parse)
         else:
             kwargs["type"] = parse
-        if f.metadata.get("choices"):
+        if f.metadata.get("choices") and not isinstance(parse, ListOf):  # list items: check_choices
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
@@ -292,6 +347,7 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
                 raise StepdistillError(f"{config_path}: option {key!r}: {e}") from e
     values.update(args)
     config = config_class(**values)
+    check_choices(config)
     if hasattr(config, "validate"):
         config.validate()
     return config

@@ -226,30 +226,89 @@ for _kind in (LoraOutput(), FullUNetOutput(), AGDOutput(), MSDOutput()):
 
 def save_output(student, output_dir: str | Path, recipe: "Recipe", pipeline_class) -> None:
     """A complete output: the weights (as the recipe's adapter kind writes them), ``stepdistill.json`` and the
-    model card ``README.md``. ``pipeline_class`` is the base pipeline's class (it writes LoRA files)."""
+    model card ``README.md`` (showing the newest validation grid in ``samples/``, if any). ``pipeline_class`` is
+    the base pipeline's class (it writes LoRA files)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     output_kind(recipe.adapter).save(student, output_dir, pipeline_class)
     recipe.save(output_dir)
-    (output_dir / "README.md").write_text(model_card(recipe, pipeline_class.__name__))
+    grids = sorted((output_dir / "samples").glob("step-*.png"))
+    grid = grids[-1].relative_to(output_dir).as_posix() if grids else None
+    (output_dir / "README.md").write_text(model_card(recipe, pipeline_class.__name__, sample_grid=grid))
 
 
-def model_card(recipe: "Recipe", pipeline_class_name: str) -> str:
-    """The output's ``README.md``: the recipe in words and the stock Diffusers code that samples it."""
+def hub_id(base_model: str) -> str | None:
+    """The hub id of a base model: the id itself, the repository of a hub-cache snapshot folder, or None for a
+    local folder (it has none)."""
+    import re
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(base_model)
+    if path.exists():
+        match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.resolve().as_posix() + "/")
+        return f"{match[1]}/{match[2]}" if match else None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
+
+
+FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+
+
+def card_metadata(recipe: "Recipe", pipeline_class_name: str) -> dict[str, Any]:
+    """The card's YAML header as the Hub reads it: base_model (a hub id, left out for a local folder), library,
+    pipeline tag, and tags (lora for LoRA outputs, diffusers, text-to-image, the base family, the method)."""
+    import logging
+
+    tags = (["lora"] if recipe.adapter == "lora" else []) + [
+        "diffusers", "text-to-image", FAMILY_TAGS["sdxl" if "XL" in pipeline_class_name else "sd1"], recipe.method,
+        "stepdistill"]
+    meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags}
+    base = hub_id(recipe.base_model)
+    if base is None:
+        logging.getLogger("stepdistill").warning(
+            "model card: base model %s is a local folder without a hub id; base_model is left out of the card "
+            "(train from the hub id to have it)", recipe.base_model)
+    else:
+        meta = {"base_model": base, **meta}
+    return meta
+
+
+def _recipe_in_words(recipe: "Recipe") -> str:
+    steps = f"timesteps {list(recipe.timesteps)}" if recipe.timesteps else f"{recipe.num_inference_steps} steps"
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in recipe.scheduler_kwargs.items())
+    words = [f"- scheduler: `{recipe.scheduler}`" + (f" ({kwargs})" if kwargs else ""), f"- {steps}",
+             f"- guidance scale {recipe.guidance_scale}" + (" (guidance is distilled in: no CFG pass)"
+                                                           if recipe.guidance_scale == 1.0 else "")]
+    if recipe.eta is not None:
+        words.append(f"- eta {recipe.eta}")
+    notes = [recipe.extra.get("note"), (recipe.extra.get("one_step") or {}).get("note")]
+    words += [f"- note: {n}" for n in notes if n]
+    return "\n".join(words)
+
+
+def model_card(recipe: "Recipe", pipeline_class_name: str, sample_grid: str | None = None) -> str:
+    """The output's ``README.md``: Hub metadata, the sampling recipe in words, the sample grid, and the stock
+    Diffusers code that samples it."""
+    import yaml
+
     kind = output_kind(recipe.adapter)
     call = ", ".join(f"{k}={v!r}" for k, v in kind.call_kwargs(recipe).items())
     kwargs = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_kwargs.items())
+    header = yaml.safe_dump(card_metadata(recipe, pipeline_class_name), sort_keys=False)
+    grid = f"\n![validation samples]({sample_grid})\n" if sample_grid else ""
     return f"""---
-library_name: diffusers
-base_model: {recipe.base_model}
-tags: [stepdistill, {recipe.method}, text-to-image]
----
+{header}---
 # {recipe.method} student of `{recipe.base_model}`
 
 Trained with stepdistill ({recipe.method}). Sampling recipe
-(`stepdistill.json`): {recipe.scheduler}, {recipe.num_inference_steps} steps, timesteps {recipe.timesteps},
-guidance scale {recipe.guidance_scale}.
+(`stepdistill.json`):
 
+{_recipe_in_words(recipe)}
+{grid}
 ```python
 import torch
 from diffusers import {pipeline_class_name}, {recipe.scheduler}, UNet2DConditionModel

@@ -49,6 +49,43 @@ def preflight(config, method_cls) -> None:
     check_vae(config, _component_config(str(config.pretrained_model_name_or_path), "vae", config.revision,
                                         getattr(config, "cache_dir", None)))
     check_variant(config)
+    check_outputs(config, method_cls)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def trackers(report_to: str | None) -> list[str]:
+    """The trackers --report_to names (all: both)."""
+    if not report_to:
+        return []
+    return list(TRACKER_PACKAGES) if report_to == "all" else [report_to]
+
+
+def check_outputs(config, method_cls) -> None:
+    """Trackers installed, exports that fit the output kind, a Hub target for --push_to_hub."""
+    import importlib.util
+
+    for name in trackers(getattr(config, "report_to", None)):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise StepdistillError(f"--report_to {config.report_to}: the {name} package is not installed; "
+                                   f"pip install {TRACKER_PACKAGES[name]} (or `pip install stepdistill[tracking]`)")
+    kind = method_cls.output_adapter(config)
+    if getattr(config, "export", None) and kind != "lora":
+        raise StepdistillError(f"--export {','.join(config.export)}: this run's output is {kind}, not a LoRA; "
+                               "kohya files hold LoRAs: train with --use_lora true, or drop --export")
+    if getattr(config, "push_to_hub", False):
+        if not config.hub_model_id:
+            raise StepdistillError("--push_to_hub needs --hub_model_id USER/NAME (the Hub repository to upload to)")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(config.hub_model_id)
+        except HFValidationError as e:
+            raise StepdistillError(f"--hub_model_id {config.hub_model_id}: not a Hub repository id ({e})") from None
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise StepdistillError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop "
+                                   "--push_to_hub (upload later with `huggingface-cli upload`)")
 
 
 def check_lr_schedule(config) -> None:

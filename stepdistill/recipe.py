@@ -68,11 +68,16 @@ class Recipe:
 
 
 def load(pipe, output_dir: str | Path, adapter_name: str = "stepdistill"):
-    """Apply a stepdistill output (weights + the recipe's scheduler) to ``pipe`` and return it.
+    """Apply a stepdistill output (weights + the recipe's scheduler) to ``pipe`` and return it. ``output_dir`` may
+    also be a single-file export (``stepdistill export DIR --format kohya``).
 
     Call the result with ``pipe(prompt, **stepdistill.Recipe.load(output_dir).call_kwargs())``.
     """
     output_dir = Path(output_dir)
+    if output_dir.is_file() and output_dir.suffix == ".safetensors":  # a single-file (kohya) export
+        from .export import load_kohya
+
+        return load_kohya(pipe, output_dir, adapter_name)[0]
     recipe = Recipe.load(output_dir)
     pipe = output_kind(recipe.adapter).load(pipe, output_dir, recipe, adapter_name)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)

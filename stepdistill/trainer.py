@@ -105,8 +105,8 @@ class Trainer:
             self._init_from(Path(config.init_from_checkpoint))
         self._trim_log()
         if config.report_to and acc.is_main_process:
-            acc.init_trackers(f"stepdistill-{method_cls.name}", config={k: v for k, v in vars(config).items()
-                                                                          if isinstance(v, (int, float, str, bool))})
+            acc.init_trackers(config.tracker_project_name or f"stepdistill-{method_cls.name}",
+                              config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
 
     def _trim_log(self) -> None:
         """Keep only the log lines of steps this run has (a resumed run re-logs what came after its checkpoint;
@@ -228,8 +228,8 @@ class Trainer:
                     handoffs[micro].update(out.handoff)
                     for k, v in out.logs.items():
                         logs[k] = logs.get(k, 0.0) + float(v) / accum
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(self.params[phase], config.max_grad_norm)
+                if config.max_grad_norm:  # the norm before clipping, logged per network
+                    logs[f"grad_norm_{phase}"] = float(acc.clip_grad_norm_(self.params[phase], config.max_grad_norm))
                 self.optimizers[phase].step()
                 self.schedulers[phase].step()
                 self.optimizers[phase].zero_grad(set_to_none=True)
@@ -308,22 +308,54 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, path, nrow=min(8, len(prompts)), upscale=max(1, 128 // self.resolution))
         logger.info("validation grid: %s", path)
+        self._log_grid(path)
         return path
+
+    def _log_grid(self, path: Path) -> None:
+        """The validation grid to every tracker (TensorBoard: an image summary; W&B: a wandb.Image)."""
+        if not self.config.report_to:
+            return
+        import numpy as np
+        from PIL import Image
+
+        grid = np.asarray(Image.open(path).convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": grid[None]}, step=self.step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation": [grid]}, step=self.step)
 
     def finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.method.save_output(self.output_dir)
             if not (self.config.validation_steps and self.step % self.config.validation_steps == 0):
-                self.validate()
+                self.validate()  # first, so that the model card shows the final grid
+            self.method.save_output(self.output_dir)
             from .plots import plot_losses
 
             plot_losses(self.log_file, self.output_dir / "loss_curve.png")
+            if "kohya" in self.config.export:
+                from .export import KOHYA_FILE_NAME, to_kohya
+
+                logger.info("kohya export: %s", to_kohya(self.output_dir, self.output_dir / KOHYA_FILE_NAME))
             logger.info("wrote %s", self.output_dir)
+            if self.config.push_to_hub:
+                push_to_hub(self.output_dir, self.config.hub_model_id)
         acc.wait_for_everyone()
         acc.end_training()
         return self.output_dir
+
+
+def push_to_hub(output_dir: Path, repo_id: str) -> None:
+    """Upload the output (weights, recipe, card, samples, logs; not checkpoints or snapshots) with huggingface_hub.
+    A thin call by design: it needs a login and the network, so no test here runs it."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="stepdistill output",
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", "snapshots/**", "*.partial*", "*.tmp*"])
+    logger.info("uploaded %s to the Hub: %s", output_dir, repo_id)
 
 
 def run(method_cls, argv: list[str] | None = None) -> int:

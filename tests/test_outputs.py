@@ -16,17 +16,26 @@ LORA_RECIPE = Recipe("lcm_lora", "assets/tiny-digits-sd", "lora", "LCMScheduler"
                      {"original_inference_steps": 50, "timestep_scaling": 10.0}, 4, None, 1.0, None)
 FULL_RECIPE = Recipe("dmd2", "org/model", "full_unet", "LCMScheduler", {}, 1, [625], 1.0, None)
 
-# the cards as they were before the registry (methods/base.py's model_card): they must not change
+# the card: Hub metadata (no base_model for a local folder), the recipe in words, the stock code
 LORA_CARD = """---
 library_name: diffusers
-base_model: assets/tiny-digits-sd
-tags: [stepdistill, lcm_lora, text-to-image]
+pipeline_tag: text-to-image
+tags:
+- lora
+- diffusers
+- text-to-image
+- stable-diffusion
+- lcm_lora
+- stepdistill
 ---
 # lcm_lora student of `assets/tiny-digits-sd`
 
 Trained with stepdistill (lcm_lora). Sampling recipe
-(`stepdistill.json`): LCMScheduler, 4 steps, timesteps None,
-guidance scale 1.0.
+(`stepdistill.json`):
+
+- scheduler: `LCMScheduler` (original_inference_steps=50, timestep_scaling=10.0)
+- 4 steps
+- guidance scale 1.0 (guidance is distilled in: no CFG pass)
 
 ```python
 import torch
@@ -43,7 +52,7 @@ or, with stepdistill installed: `pipe = stepdistill.load(pipe, student_dir)`.
 """
 
 
-def test_model_cards_are_unchanged():
+def test_model_cards():
     assert model_card(LORA_RECIPE, "StableDiffusionPipeline") == LORA_CARD
     card = model_card(FULL_RECIPE, "StableDiffusionXLPipeline")
     assert "pipe.unet = UNet2DConditionModel.from_pretrained(student_dir, subfolder='unet')\n" in card

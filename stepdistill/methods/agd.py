@@ -138,6 +138,10 @@ class AGD(DistillationMethod):
     def output_module(self):
         return self.networks["adapters"]
 
+    @classmethod
+    def output_adapter(cls, config) -> str:
+        return "agd"
+
     def recipe(self) -> Recipe:
         c = self.config
         return Recipe(method="agd", base_model=str(c.pretrained_model_name_or_path), adapter="agd",

@@ -167,6 +167,11 @@ class DistillationMethod:
         sampler.set_progress_bar_config(disable=True)
         return sampler
 
+    @classmethod
+    def output_adapter(cls, config) -> str:
+        """The output kind this run writes (before anything is built): what preflight checks exports against."""
+        return "lora" if getattr(config, "use_lora", False) else "full_unet"
+
     def student_recipe(self, **settings) -> Recipe:
         """The recipe of this run's student: the base model and adapter kind filled in, ``settings`` for the rest."""
         c = self.config
