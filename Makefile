@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # where this project's machines keep that wheel (used only if the folder exists)
 WHEELS := $(wildcard /opt/wheels)
 
-.PHONY: test demo setup clean-venv
+.PHONY: test demo bench setup clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/stepdistill demo --output_dir runs/demo
+
+# every method on tiny-digits with its shipped config -> bench/RESULTS.md, results.json, fid_vs_nfe.png
+# (BENCH_BUDGET=full: the shipped configs, hours on 2 cores; quick: a tenth of the iterations)
+BENCH_BUDGET ?= full
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) eval/bench_methods.py --budget $(BENCH_BUDGET)
 
 clean-venv:
 	rm -rf $(VENV)

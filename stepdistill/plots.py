@@ -44,9 +44,19 @@ def plot_losses(log_file: str | Path, out_path: str | Path, width: int = 360, he
 
 
 def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Path, title: str, xlabel: str,
-                ylabel: str, width: int = 420, height: int = 260) -> Path:
-    """Line chart of a few named series of (x, y) points, with the values printed at the points (PIL only)."""
+                ylabel: str, width: int = 420, height: int = 260, log_x: bool = False, log_y: bool = False,
+                label_points: bool = True) -> Path:
+    """Line chart of a few named series of (x, y) points, with the values printed at the points (PIL only).
+    ``log_x`` / ``log_y``: logarithmic axes (values > 0); x ticks at the data's x values."""
+    import math
+
     from PIL import Image, ImageDraw
+
+    fx = math.log if log_x else (lambda v: v)
+    fy = math.log if log_y else (lambda v: v)
+    gx = math.exp if log_x else (lambda v: v)
+    gy = math.exp if log_y else (lambda v: v)
+    series = {name: [(fx(x), fy(y)) for x, y in pts] for name, pts in series.items()}
 
     colors = ["navy", "darkred", "darkgreen", "darkorange", "purple", "teal", "saddlebrown"]
     points = [p for s in series.values() for p in s]
@@ -66,10 +76,11 @@ def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Pa
     draw.text((x0, 8), title, fill="black")
     draw.text((x0, y1 + 22), xlabel, fill="black")
     draw.text((2, y0 - 14), ylabel, fill="black")
-    draw.text((2, y0), f"{yhi:.2f}", fill="gray")
-    draw.text((2, y1 - 10), f"{ylo:.2f}", fill="gray")
+    for frac in ((0.0, 0.25, 0.5, 0.75, 1.0) if log_y else (0.0, 1.0)):
+        yv = ylo + frac * (yhi - ylo)
+        draw.text((2, at(xlo, yv)[1] - 5), f"{gy(yv):.3g}" if log_y else f"{yv:.2f}", fill="gray")
     for x in sorted(set(xs)):
-        draw.text((at(x, ylo)[0] - 3, y1 + 4), f"{x:g}", fill="gray")
+        draw.text((at(x, ylo)[0] - 3, y1 + 4), f"{gx(x):.3g}", fill="gray")
     for i, (name, pts) in enumerate(series.items()):
         color = colors[i % len(colors)]
         xy = [at(x, y) for x, y in sorted(pts)]
@@ -77,7 +88,8 @@ def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Pa
             draw.line(xy, fill=color, width=2)
         for (x, y), (px, py) in zip(sorted(pts), xy):
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-            draw.text((px + 4, py - 12), f"{y:.2f}", fill=color)
+            if label_points:
+                draw.text((px + 4, py - 12), f"{gy(y):.2f}", fill=color)
         draw.text((x0 + 4 + 200 * (i % 2), y1 + 36 + 12 * (i // 2)), f"-- {name}", fill=color)
     canvas.save(out_path)
     return Path(out_path)

@@ -3,6 +3,7 @@ and prompt agreement (share of images the classifier reads as the prompted digit
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -124,11 +125,14 @@ def score_pipeline(pipe, judge: DigitsJudge, call_kwargs: dict, prompts: Sequenc
     ``seed + i``). Returns the scores and the uint8 images."""
     prompts = list(prompts) if prompts is not None else cycle_prompts(data.eval_prompts(), num_images)
     meter = ForwardMeter(sampling_unets(pipe))
+    start = time.perf_counter()
     with meter.counting():  # UNet evaluations counted by a hook, not assumed
         images = generate(pipe, prompts, batch_size=batch_size, seed=seed, progress=progress, desc=desc,
                           **call_kwargs)
+    seconds = time.perf_counter() - start
     nfe = meter.samples / len(prompts)
-    return {**judge.score(images, prompts), "nfe": int(nfe) if nfe == int(nfe) else round(nfe, 2)}, images
+    return {**judge.score(images, prompts), "nfe": int(nfe) if nfe == int(nfe) else round(nfe, 2),
+            "images_per_second": len(prompts) / seconds}, images
 
 
 def student_table(world_dir: str | Path, student_dir: str | Path, steps: Sequence[int] = (1, 2, 4),
