@@ -46,6 +46,8 @@ class TrainConfig:
                                        "either way)")
     cache_dir: str | None = option(None, "hub cache folder of the base pipeline and VAE (default: the Hugging Face "
                                          "cache)")
+    allow_pickle: bool = option(False, "also load weights stored as pickle (.bin, .pt, .ckpt), which can run code "
+                                       "when loaded; by default only safetensors load")
     pretrained_vae_model_name_or_path: str | None = option(
         None, "another VAE (folder or hub id) in place of the pipeline's, e.g. SDXL's fp16-safe "
               "madebyollin/sdxl-vae-fp16-fix; its latent channels and scaling must be the base VAE's")

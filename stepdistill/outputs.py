@@ -97,7 +97,9 @@ class FullUNetOutput(OutputKind):
         from diffusers import UNet2DConditionModel
 
         self._require(output_dir, f"{UNET_DIR}/", "full UNet")
-        unet = UNet2DConditionModel.from_pretrained(Path(output_dir) / UNET_DIR, torch_dtype=pipe.unet.dtype)
+        # stepdistill writes safetensors; a pickle unet/ is not ours and is not loaded
+        unet = UNet2DConditionModel.from_pretrained(Path(output_dir) / UNET_DIR, torch_dtype=pipe.unet.dtype,
+                                                    use_safetensors=True)
         pipe.unet = unet.to(pipe.unet.device)
         return pipe
 
@@ -205,7 +207,7 @@ class MSDOutput(OutputKind):
         if students[0].adapter == "full_unet":  # each student its own UNet, swapped in per group of prompts
             from diffusers import UNet2DConditionModel
 
-            unets = [UNet2DConditionModel.from_pretrained(d / UNET_DIR, torch_dtype=pipe.unet.dtype)
+            unets = [UNet2DConditionModel.from_pretrained(d / UNET_DIR, torch_dtype=pipe.unet.dtype, use_safetensors=True)
                      .to(pipe.unet.device) for d in dirs]
             return RoutedPipeline(pipe, router, unets=unets)
         names = [f"{adapter_name}_student_{k}" for k in range(len(dirs))]

@@ -161,7 +161,11 @@ def load_vae(base: str, kind: str, dtype: torch.dtype, vae: str | None, **hub) -
 
     if vae is None and dtype == torch.float32:
         return {}
+    safe = {k: hub.pop(k) for k in ("use_safetensors",) if k in hub}  # safe_weights.load_kwargs
     if vae is not None:
+        from .safe_weights import check_no_pickle
+
+        check_no_pickle(vae, not safe, "--pretrained_vae_model_name_or_path")
         config, subfolder = vae_source(vae, hub.get("cache_dir"))
         source, load = vae, {"cache_dir": hub["cache_dir"]} if hub.get("cache_dir") else {}
     else:
@@ -172,7 +176,7 @@ def load_vae(base: str, kind: str, dtype: torch.dtype, vae: str | None, **hub) -
     if vae is None and own == dtype:
         return {}
     try:
-        model = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=own, **load)
+        model = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=own, **load, **safe)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepdistillError(f"{source}: cannot load its VAE ({first_line})") from e

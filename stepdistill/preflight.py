@@ -31,6 +31,9 @@ def _check_output_dir(path: str) -> None:
 def preflight(config, method_cls) -> None:
     """Every check that needs no model weights, before anything expensive is loaded."""
     check_pipeline(str(config.pretrained_model_name_or_path), config.revision, getattr(config, "cache_dir", None))
+    from .safe_weights import check_no_pickle
+
+    check_no_pickle(config.pretrained_model_name_or_path, getattr(config, "allow_pickle", False))
     check_precision(config)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")

@@ -64,6 +64,10 @@ def check_student_options(config) -> None:
     if config.student_init and not (Path(config.student_init) / "config.json").is_file():
         raise StepdistillError(f"--student_init {config.student_init}: no UNet there (expected config.json and "
                                "weights, e.g. the unet/ folder of a stepdistill tsm output)")
+    if config.student_init:
+        from .safe_weights import check_no_pickle
+
+        check_no_pickle(config.student_init, getattr(config, "allow_pickle", False), "--student_init")
 
 
 def build_student_unet(config, teacher_unet):
@@ -73,7 +77,10 @@ def build_student_unet(config, teacher_unet):
     from diffusers import UNet2DConditionModel
 
     if config.student_init:
-        unet = UNet2DConditionModel.from_pretrained(config.student_init)
+        from .safe_weights import load_kwargs
+
+        unet = UNet2DConditionModel.from_pretrained(config.student_init,
+                                                    **load_kwargs(getattr(config, "allow_pickle", False)))
     elif config.student_config or config.student_channel_multiplier is not None:
         base = dict(teacher_unet.config)
         if config.student_config:

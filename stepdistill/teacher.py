@@ -193,19 +193,23 @@ class Teacher:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype = torch.float32, device="cpu",
-                        vae: str | None = None, **kwargs):
+                        vae: str | None = None, allow_pickle: bool = False, **kwargs):
         """Load a pipeline as a frozen teacher, its weights in ``torch_dtype`` (the VAE's dtype: ``precision.
         vae_dtype``). ``vae``: another VAE (folder or hub id) in place of the pipeline's, e.g. SDXL's fp16-safe one.
-        ``kwargs``: ``revision``, ``variant``, ``cache_dir``, passed to the hub-id path."""
+        ``kwargs``: ``revision``, ``variant``, ``cache_dir``, passed to the hub-id path. Weights load from
+        safetensors only unless ``allow_pickle`` (stepdistill/safe_weights.py)."""
         from diffusers import DiffusionPipeline
 
         from .precision import load_vae
+        from .safe_weights import check_no_pickle, load_kwargs
 
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kind = check_pipeline(str(path_or_id), kwargs.get("revision"), kwargs.get("cache_dir"))
-        components = load_vae(str(path_or_id), kind, torch_dtype, vae, **kwargs)
+        check_no_pickle(path_or_id, allow_pickle)
+        components = load_vae(str(path_or_id), kind, torch_dtype, vae, **kwargs, **load_kwargs(allow_pickle))
         try:
-            pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs, **components)
+            pipe = DiffusionPipeline.from_pretrained(path_or_id, dtype=torch_dtype, **kwargs, **components,
+                                                     **load_kwargs(allow_pickle))
         except OSError as e:  # e.g. a hub id whose index is cached but not its weights
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StepdistillError(f"{path_or_id}: cannot load the pipeline ({first_line})") from e
@@ -228,7 +232,8 @@ class Teacher:
         return cls.from_pretrained(config.pretrained_model_name_or_path, torch_dtype=torch_dtype, device=device,
                                    vae=getattr(config, "pretrained_vae_model_name_or_path", None),
                                    revision=config.revision, variant=getattr(config, "variant", None),
-                                   cache_dir=getattr(config, "cache_dir", None))
+                                   cache_dir=getattr(config, "cache_dir", None),
+                                   allow_pickle=getattr(config, "allow_pickle", False))
 
     @property
     def device(self) -> torch.device:

@@ -43,6 +43,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model_name_or_path", default=None,
                    help="base pipeline folder or hub id (default: the student's recorded base model)")
     g.add_argument("--student", default=None, help="a stepdistill output directory (has stepdistill.json)")
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="also load a base model stored as pickle (.bin): it can run code; default: safetensors only")
     g.add_argument("--scheduler", default=None, help="a Diffusers scheduler class name, e.g. LCMScheduler")
     g.add_argument("--num_inference_steps", type=int, default=None)
     g.add_argument("--timesteps", default=None, help="comma-separated timesteps, e.g. 999,759,499,259")

@@ -75,11 +75,14 @@ def device_name(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(base_model: str, dtype: torch.dtype, device: str):
+def load_pipeline(base_model: str, dtype: torch.dtype, device: str, allow_pickle: bool = False):
     from diffusers import DiffusionPipeline
 
+    from ..safe_weights import check_no_pickle, load_kwargs
+
+    check_no_pickle(base_model, allow_pickle)
     try:
-        pipe = DiffusionPipeline.from_pretrained(base_model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(base_model, dtype=dtype, **load_kwargs(allow_pickle))
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepdistillError(f"--pretrained_model_name_or_path {base_model}: cannot load the pipeline "
@@ -92,7 +95,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype, device: str):
 def prepare_pipeline(args, base_model: str, recipe: Recipe | None, settings: SamplerSettings, device: str):
     """The pipeline with the student and scheduler applied, and the arguments every call gets."""
     scheduler_cls = scheduler_class(settings.scheduler) if settings.scheduler else None
-    pipe = load_pipeline(base_model, DTYPES[args.dtype], device)
+    pipe = load_pipeline(base_model, DTYPES[args.dtype], device, getattr(args, "allow_pickle", False))
     if recipe is not None:
         from ..recipe import load as apply_student
 
