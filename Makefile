@@ -30,7 +30,8 @@ clean-venv:
 
 # A separate lane, not part of `make test` or CI: Inception FID/KID and open_clip need torchvision, which does not
 # import beside the CPU torch 2.13 build; torch 2.14.1 + torchvision 0.29.1 (on this project's machines' disk) do.
-# Own venv; the tests marked `inception` build the Inception network with random weights (no download).
+# Own venv; the tests marked `inception` build the Inception network with random weights (no download) and check the
+# resizes, crop and CLIP preprocessing against torchvision, clean-fid and open_clip themselves.
 INCEPTION_VENV ?= .venv-inception
 INCEPTION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 IPY := $(INCEPTION_VENV)/bin/python
@@ -40,6 +41,8 @@ $(INCEPTION_VENV)/.installed: pyproject.toml
 	$(IPY) -m pip install -q --upgrade pip
 	$(IPY) -m pip install -q $(INCEPTION_TORCH)
 	$(IPY) -m pip install -q -e ".[dev,fid,clip]"
+	# clean-fid only as the reference the lane checks our clean resize against
+	$(IPY) -m pip install -q clean-fid
 	touch $@
 
 test-inception: $(INCEPTION_VENV)/.installed

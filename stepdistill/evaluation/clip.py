@@ -178,8 +178,11 @@ class PaperClipScore:
         tok = self.tokenizer
         ids = []
         for prompt in prompts:
-            caption = tok(prompt, add_special_tokens=False, truncation=True,
-                          max_length=self.context_length)["input_ids"]
+            # split_special_tokens: with "!" as the pad token (id 0, open_clip's padding id, which CLIP tokenizers
+            # converted from open_clip may use) a "!" in a caption would otherwise become that token instead of
+            # the BPE token "!</w>" OpenAI's clip.tokenize gives it
+            caption = tok(prompt, add_special_tokens=False, truncation=True, max_length=self.context_length,
+                          split_special_tokens=True)["input_ids"]
             full = [tok.bos_token_id, *self.prefix_ids, *caption]
             ids.append(full[:self.context_length - 1] + [tok.eos_token_id])
         return ids
