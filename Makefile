@@ -41,8 +41,7 @@ $(INCEPTION_VENV)/.installed: pyproject.toml
 	$(IPY) -m pip install -q --upgrade pip
 	$(IPY) -m pip install -q $(INCEPTION_TORCH)
 	$(IPY) -m pip install -q -e ".[dev,fid,clip]"
-	# clean-fid only as the reference the lane checks our clean resize against
-	$(IPY) -m pip install -q clean-fid
+	$(IPY) -m pip install -q clean-fid  # only as the reference the lane checks our clean resize against
 	touch $@
 
 test-inception: $(INCEPTION_VENV)/.installed
