@@ -441,8 +441,11 @@ class KidMetric:
 
         with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point
             warnings.simplefilter("ignore", UserWarning)
+            # sync_on_compute=False: in a sharded run only the main process computes, on features it gathered
+            # itself; torchmetrics' own all-gather would wait forever for the other processes
             self.kid = KernelInceptionDistance(feature=_Features(num_features(self.source.metric)),
-                                               subsets=self.subsets, subset_size=self.subset_size).to(device)
+                                               subsets=self.subsets, subset_size=self.subset_size,
+                                               sync_on_compute=False).to(device)
 
     def features(self, images, prompts: list[str]) -> torch.Tensor:
         return self.source.features(images)
