@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # where this project's machines keep that wheel (used only if the folder exists)
 WHEELS := $(wildcard /opt/wheels)
 
-.PHONY: test demo bench setup clean-venv
+.PHONY: test demo bench setup clean-venv test-inception
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,24 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A separate lane, not part of `make test` or CI: Inception FID/KID and open_clip need torchvision, which does not
+# import beside the CPU torch 2.13 build; torch 2.14.1 + torchvision 0.29.1 (on this project's machines' disk) do.
+# Own venv; the tests marked `inception` build the Inception network with random weights (no download) and check the
+# resizes, crop and CLIP preprocessing against torchvision, clean-fid and open_clip themselves.
+INCEPTION_VENV ?= .venv-inception
+INCEPTION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+IPY := $(INCEPTION_VENV)/bin/python
+# clean-fid and open_clip_torch are the papers' own libraries, installed only as the references the lane checks our
+# resize, crop and CLIP inputs against (stepdistill itself computes through torchmetrics and transformers)
+
+$(INCEPTION_VENV)/.installed: pyproject.toml
+	test -x $(IPY) || $(PYTHON) -m venv $(INCEPTION_VENV)
+	$(IPY) -m pip install -q --upgrade pip
+	$(IPY) -m pip install -q $(INCEPTION_TORCH)
+	$(IPY) -m pip install -q -e ".[dev,fid]"
+	$(IPY) -m pip install -q clean-fid open_clip_torch
+	touch $@
+
+test-inception: $(INCEPTION_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(IPY) -m pytest -q -m inception

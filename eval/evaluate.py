@@ -1,7 +1,8 @@
 """Generate images from a base pipeline or a stepdistill output and score them: ``stepdistill eval``.
 
-    python eval/evaluate.py --student runs/lcm --captions_file captions_val2014.json --num_images 30000 \
-        --metrics fid clip --reference_stats coco30k_clean.npz --preprocess clean --clip_model CLIP_DIR \
+    python eval/evaluate.py --student runs/lcm --captions_file assets/prompts/coco2014-30k-gigagan.txt \
+        --metrics fid kid clip --reference_stats coco2014_val_clean.npz --preprocess crop_lanczos_256 \
+        --fid_resize clean --clip_protocol paper --clip_model laion/CLIP-ViT-g-14-laion2B-s12B-b42K \
         --output_dir runs/lcm/eval
 """
 

@@ -1,7 +1,7 @@
 """FID reference statistics of a folder of real images, saved as .npz with their protocol: ``stepdistill ref-stats``.
 
-    python eval/ref_stats.py --reference_dir coco30k/ --preprocess clean --inception_weights pt_inception.pth \
-        --output coco30k_clean.npz
+    python eval/ref_stats.py --reference_dir coco2014/val2014/ --preprocess crop_lanczos_256 --fid_resize clean \
+        --inception_weights pt_inception.pth --keep_features --output coco2014_val_clean.npz
 """
 
 import sys

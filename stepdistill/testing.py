@@ -177,3 +177,35 @@ def build_pipeline_from_configs(directory: str | Path, configs_dir: str | Path, 
     pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     tmp.rename(out)
     return out
+
+
+def build_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """torch-fidelity's FID Inception (the architecture of pt_inception-2015-12-05) with random weights, saved as a
+    safetensors state dict at ``path``: for running the Inception FID/KID path end to end offline, numbers
+    meaningless. Needs torch-fidelity (the ``make test-inception`` lane).
+
+    torch-fidelity's constructor always loads weights (a download when given no file); here that load is stubbed out
+    for the one construction, then the convolutions get a seeded He-normal init so features keep their scale through
+    the 90-odd layers instead of fading to zero."""
+    from unittest import mock
+
+    import torch.nn as nn
+    from safetensors.torch import save_file
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    path = Path(path)
+    cls = tf_inception.FeatureExtractorInceptionV3
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}), \
+            mock.patch.object(cls, "load_state_dict", lambda self, *args, **kwargs: None):
+        net = cls("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path

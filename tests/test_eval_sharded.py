@@ -24,8 +24,8 @@ def scoring(tmp_path_factory):
     (root / "reference").mkdir()
     for i, image in enumerate(data.to_uint8(data.load_digits_images()[0][:40])):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "reference" / f"{i}.png")
-    return ["--metrics", "digits", "fid", "clip", "--fid_extractor", "digits", "--reference_dir",
-            str(root / "reference"), "--clip_model", str(build_tiny_clip(root / "clip"))]
+    return ["--metrics", "digits", "fid", "kid", "clip", "--fid_extractor", "digits", "--reference_dir",
+            str(root / "reference"), "--kid_subset_size", "10", "--clip_model", str(build_tiny_clip(root / "clip"))]
 
 
 def evaluate(model, out, nproc, scoring):
@@ -50,7 +50,7 @@ def test_two_processes_give_the_images_and_numbers_of_one_and_resume(toy_path, s
     one, one_state = evaluate(toy_path, tmp_path / "one", 1, scoring)
     two, two_state = evaluate(toy_path, tmp_path / "two", 2, scoring)
 
-    scores = ("digits_fid", "prompt_agreement", "fid", "clip_score")
+    scores = ("digits_fid", "prompt_agreement", "fid", "kid", "kid_std", "clip_score")
     # the features are gathered and added in the order of one process: the same numbers to the last bit
     assert {k: two[k] for k in scores} == {k: one[k] for k in scores}
     expected = images(tmp_path / "one")
@@ -73,3 +73,12 @@ def test_two_processes_give_the_images_and_numbers_of_one_and_resume(toy_path, s
     assert state["generated_images"] == NUM_IMAGES + 4 + 4 + 2  # the three batches redone whole, nothing else
     assert {k: again[k] for k in scores} == {k: one[k] for k in scores}
     assert again["protocol"]["num_processes"] == 2
+
+
+def test_paper_clip_and_kid_of_two_processes_are_those_of_one(toy_path, scoring, tmp_path):
+    paper = [*scoring, "--clip_protocol", "paper"]
+    one, _ = evaluate(toy_path, tmp_path / "one", 1, paper)
+    two, _ = evaluate(toy_path, tmp_path / "two", 2, paper)
+    assert one["protocol"]["clip"]["protocol"] == "paper" and one["protocol"]["kid"]["subset_size"] == 10
+    assert {k: two[k] for k in ("fid", "kid", "kid_std", "clip_score")} == \
+        {k: one[k] for k in ("fid", "kid", "kid_std", "clip_score")}

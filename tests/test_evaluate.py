@@ -203,8 +203,8 @@ def test_clean_preprocess_center_crops_and_accepts_mixed_sizes(tmp_path):
     write_images(mixed, 1, size=(24, 20), seed=1)  # overwrites 0.png with another size
     meta = run_ref_stats(ref_stats_args("--reference_dir", mixed, "--output", tmp_path / "ref.npz",
                                         "--fid_extractor", EXTRACTOR, "--preprocess", "clean"))
-    assert meta["preprocess"] == "clean" and "Lanczos" in meta["resize_rule"]
-    with pytest.raises(StepdistillError, match="mixed sizes.*--preprocess clean"):
+    assert meta["preprocess"] == "crop_lanczos_256" and "Lanczos" in meta["resize_rule"]  # `clean` is its old name
+    with pytest.raises(StepdistillError, match="mixed sizes.*--preprocess crop_lanczos_256"):
         run_ref_stats(ref_stats_args("--reference_dir", mixed, "--output", tmp_path / "x.npz",
                                      "--fid_extractor", EXTRACTOR))
 
@@ -260,7 +260,8 @@ def test_stats_made_with_another_protocol_are_refused(reference_dir, tiny_sd_pat
     stats = tmp_path / "clean.npz"
     run_ref_stats(ref_stats_args("--reference_dir", reference_dir, "--output", stats, "--fid_extractor",
                                  EXTRACTOR, "--preprocess", "clean"))
-    with pytest.raises(StepdistillError, match="clean.npz was made with --preprocess clean"):
+    with pytest.raises(StepdistillError, match="clean.npz was made with --preprocess crop_lanczos_256 but this run uses "
+                                               "--preprocess none"):
         run_eval(eval_args("--pretrained_model_name_or_path", tiny_sd_path, "--prompts_file", prompts_file,
                            "--fid_extractor", EXTRACTOR, "--reference_stats", stats, "--output_dir", tmp_path / "o"))
     assert not (tmp_path / "o").exists()

@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .images import RESIZE_RULES
+from .clip import CLIP_PROTOCOLS
+from .extractors import DEFAULT_FID_RESIZE, FID_RESIZES
+from .images import CROP_LANCZOS, RESIZE_RULES, canonical_preprocess
 from .pipeline import DTYPES
 from .protocol import METRICS_NAME
 from .ref_stats import run_ref_stats
@@ -23,13 +25,18 @@ def _add_extractor_args(parser) -> None:
                              "MODULE:CALLABLE returning an nn.Module that maps uint8 (N,3,H,W) images to (N,D) "
                              "features")
     parser.add_argument("--inception_weights", default=None,
-                        help="local pt_inception-2015-12-05 weights file (otherwise torch-fidelity downloads it)")
+                        help="local pt_inception-2015-12-05 weights (.pth state dict, read with weights_only=True, or "
+                             ".safetensors; otherwise torch-fidelity downloads them)")
+    parser.add_argument("--fid_resize", choices=list(FID_RESIZES), default=DEFAULT_FID_RESIZE,
+                        help="Inception's resize to 299: 'torchmetrics' (torch bilinear with antialias, torchmetrics' "
+                             "default), 'legacy_tf' (TensorFlow 1.x bilinear, the original FID code) or 'clean' "
+                             "(clean-fid: PIL bicubic in float, what GigaGAN/DMD2/SiD-LSG report)")
     for spec in extractors().values():
         if spec.add_arguments is not None:
             spec.add_arguments(parser)
-    parser.add_argument("--preprocess", choices=sorted(RESIZE_RULES), default="none",
-                        help="'clean': center crop + Lanczos to 256 for real and generated images, the COCO-2014 "
-                             "30k protocol the papers use")
+    parser.add_argument("--preprocess", type=canonical_preprocess, choices=sorted(RESIZE_RULES), default="none",
+                        help=f"'{CROP_LANCZOS}' (old name 'clean'): center crop + PIL Lanczos to 256 for real and "
+                             "generated images, the COCO-2014 image step of GigaGAN/DMD2/SiD-LSG")
 
 
 def _add_run_args(parser) -> None:
@@ -58,8 +65,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("prompts")
     g.add_argument("--prompts_file", default=None, help="one prompt per line")
     g.add_argument("--captions_file", default=None,
-                   help="COCO-style JSON ({'annotations': [{'image_id', 'caption'}]}) or CSV with image_id and "
-                        "caption columns; the first caption of each image is used")
+                   help="a .txt caption list (every line one caption, verbatim: GigaGAN's COCO-2014 30k list, "
+                        "assets/prompts/coco2014-30k-gigagan.txt), COCO-style JSON ({'annotations': [{'image_id', "
+                        "'caption'}]}) or CSV with image_id and caption columns (the first caption of each image)")
     g.add_argument("--num_images", type=int, default=None,
                    help="default: one image per prompt; more cycles through the prompts")
     g.add_argument("--seed", type=int, default=0)
@@ -70,6 +78,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--reference_dir", default=None, help="real images for FID")
     g.add_argument("--reference_stats", default=None, help="a .npz written by ref-stats")
     g.add_argument("--clip_model", default=None, help="CLIP folder or hub id for the CLIP score")
+    g.add_argument("--clip_protocol", choices=list(CLIP_PROTOCOLS), default="torchmetrics",
+                   help="'torchmetrics': max(100 * mean cosine, 0) on the prompt; 'paper': the COCO tables of "
+                        "GigaGAN/DMD2/SiD-LSG, raw mean cosine with the 'A photo depicts' prefix and their image "
+                        "preprocessing (use laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+    g.add_argument("--kid_subset_size", type=int, default=1000,
+                   help="KID: images per subset (torchmetrics' and clean-fid's 1000)")
+    g.add_argument("--kid_subsets", type=int, default=100, help="KID: subsets averaged (torchmetrics' 100)")
     _add_extractor_args(g)
 
     parser.add_argument("--output_dir", required=True,
@@ -82,6 +97,11 @@ def add_ref_stats_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """The arguments of ``stepdistill ref-stats`` / ``eval/ref_stats.py``."""
     parser.add_argument("--reference_dir", required=True, help="a folder of real images")
     parser.add_argument("--output", required=True, help="the .npz to write")
+    parser.add_argument("--captions_file", default=None,
+                        help="COCO JSON or CSV with image ids: use only the listed images (file names ending with "
+                             "the id, e.g. COCO_val2014_000000391895.jpg), the real side of those captions")
+    parser.add_argument("--keep_features", action="store_true",
+                        help="also save the features themselves (KID needs them; N x D float64)")
     _add_extractor_args(parser)
     _add_run_args(parser)
     parser.add_argument("--no_progress", action="store_true")
@@ -103,7 +123,7 @@ def _print_eval(args) -> None:
 def _print_ref_stats(args) -> None:
     meta = run_ref_stats(args)
     print(f"wrote {args.output}: {meta['num_images']} images, {meta['feature_extractor']['name']}, "
-          f"preprocess {meta['preprocess']}")
+          f"preprocess {meta['preprocess']}{', with features' if meta['has_features'] else ''}")
 
 
 def register(subparsers) -> None:

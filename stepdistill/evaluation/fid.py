@@ -167,16 +167,23 @@ def stats_from_fid(metric, real: bool = True) -> tuple[np.ndarray, np.ndarray]:
     return _np64(mu), _np64(sigma)
 
 
-def save_stats(path: str | Path, mu: ArrayLike, sigma: ArrayLike, **meta: Any) -> Path:
-    """Write ``mu``, ``sigma`` (float64) and ``meta`` (as a JSON string) to the ``.npz`` file ``path``."""
+def save_stats(path: str | Path, mu: ArrayLike, sigma: ArrayLike, *, features: ArrayLike | None = None,
+               **meta: Any) -> Path:
+    """Write ``mu``, ``sigma`` (float64), ``meta`` (as a JSON string) and optionally the ``(N, D)`` float64
+    ``features`` themselves (what KID needs) to the ``.npz`` file ``path``."""
     path = Path(path)
     mu, sigma = _np64(mu), _np64(sigma)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    arrays = {"mu": mu, "sigma": sigma, "meta": np.array(json.dumps(meta))}
+    if features is not None:
+        arrays["features"] = _np64(features)
+        if arrays["features"].ndim != 2 or arrays["features"].shape[1] != mu.shape[0]:
+            raise ValueError(f"features must be (N, {mu.shape[0]}), got {arrays['features'].shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # a file handle keeps numpy from appending ".npz" to a path that lacks it
     with open(path, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
+        np.savez(f, **arrays)
     return path
 
 
@@ -198,6 +205,12 @@ def load_stats(path: str | Path) -> FeatureStats:
         raise ValueError(f"{path} is not an FID stats file: it lacks {', '.join(missing)}")
     meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
     return FeatureStats(arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), meta)
+
+
+def load_features(path: str | Path) -> np.ndarray | None:
+    """The float64 ``(N, D)`` features a stats file holds (``ref-stats --keep_features``), else ``None``."""
+    with np.load(Path(path), allow_pickle=False) as loaded:
+        return loaded["features"].astype(np.float64) if "features" in loaded.files else None
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:

@@ -61,7 +61,9 @@ def protocol_record(args, *, num_images: int, prompt_info: dict, scorers: dict[s
     entries: dict[str, Any] = {}
     for name, spec in metrics().items():
         given = scorers[name].protocol() if name in scorers else {}
-        entries.update({key: given.get(key) for key in spec.protocol_keys})
+        for key in spec.protocol_keys:  # metrics may share keys (fid and kid): one that did not run sets none
+            if name in scorers or key not in entries:
+                entries[key] = given.get(key)
     return json_safe({
         "num_images": num_images,
         "prompts": prompt_info,

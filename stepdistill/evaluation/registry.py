@@ -78,6 +78,16 @@ def register_extractor(name: str, factory: Callable[[Any, str | None], Any], *,
     return EXTRACTORS[name]
 
 
+def run_state(args) -> dict:
+    """A dict that lives as long as one run (``run_eval`` starts a fresh one), through which the metrics of that run
+    share expensive state (FID and KID: one extractor, each batch's features computed once)."""
+    state = getattr(args, "_run_state", None)
+    if state is None:
+        state = {}
+        setattr(args, "_run_state", state)
+    return state
+
+
 def load_plugins() -> None:
     for module in PLUGINS:
         if module not in _imported:

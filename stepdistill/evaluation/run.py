@@ -27,7 +27,7 @@ from ..errors import StepdistillError
 from ..recipe import Recipe
 from ..teacher import check_pipeline
 from .captions import prompt_source
-from .images import IMAGES_DIR, image_path, load_images, save_png, write_eval_grid
+from .images import IMAGES_DIR, canonical_preprocess, image_path, load_images, save_png, write_eval_grid
 from .pipeline import device_name, prepare_pipeline, sampler_settings, scheduler_class
 from .protocol import GENERATION_NAME, METRICS_NAME, fingerprint, protocol_record, read_generation
 from .registry import Metric, metrics
@@ -140,6 +140,8 @@ def run_eval(args) -> dict:
     """Generate (or resume) the images, score them and write ``metrics.json``; returns its content (on every process
     of a sharded run)."""
     args.metrics = normalise_metrics(args.metrics)
+    args._run_state = {}  # what this run's metrics share (registry.run_state); never carried over from another run
+    args.preprocess = canonical_preprocess(args.preprocess)
     specs = [spec for name, spec in metrics().items() if name in args.metrics]  # in registration order
     device = device_name(args.device)
 
@@ -167,10 +169,11 @@ def run_eval(args) -> dict:
         raise StepdistillError(f"--num_images {num_images}: must be at least 1")
     prompt_info["cycled"] = num_images > len(prompts_all)
     prompts = [prompts_all[i % len(prompts_all)] for i in range(num_images)]
+    args.num_images = num_images  # resolved, for the metrics' own checks (e.g. KID's subset size)
 
     shard = Shard()  # after the input checks: a typo fails every process alike before any rendezvous
-    if "fid" not in args.metrics and (args.reference_dir or args.reference_stats) and shard.is_main:
-        logger.warning("a FID reference was given but --metrics has no fid; it is ignored")
+    if not {"fid", "kid"} & set(args.metrics) and (args.reference_dir or args.reference_stats) and shard.is_main:
+        logger.warning("a FID/KID reference was given but --metrics has neither fid nor kid; it is ignored")
     scorers = {spec.name: spec.factory(args, base_model, shard.device(device)) for spec in specs}
 
     output_dir = Path(args.output_dir)
