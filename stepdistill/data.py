@@ -83,7 +83,7 @@ class ImageCaptionDataset(SkipsBadImages):
         self.samples, self.resolution, self.max_bad = samples, resolution, max_bad
         self.captions = captions if captions is not None else [s.caption for s in samples]
         self.bad: set[int] = set()
-        self.has_images = bool(samples) and samples[0].image is not None
+        self.has_images = getattr(samples, "has_images", None) or bool(samples) and samples[0].image is not None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -136,6 +136,8 @@ class ImageCaptionDataset(SkipsBadImages):
 class HFRows(Sequence):
     """The rows of an Arrow-backed ``datasets.Dataset`` as ``Sample``s, each read and decoded when indexed (the
     Arrow files stay memory-mapped; nothing is decoded up front)."""
+
+    has_images = True
 
     def __init__(self, ds, image_column: str, caption_column: str):
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
