@@ -151,10 +151,10 @@ def serve_images(options: dict, workers: int, batches: int, batch_size: int, res
 
 
 def bench_table(root: Path, sizes: list[int], workers: list[int], batches: int, batch_size: int,
-                resolution: int) -> list[dict]:
+                resolution: int, sources: list[str]) -> list[dict]:
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    for source in SOURCES:
+    for source in sources:
         for w in workers:
             row = {"source": source, "workers": w}
             for n in sizes:
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rss", action="store_true", help="peak RSS of LCM-LoRA runs instead")
     parser.add_argument("--steps", type=int, default=200, help="--rss: training steps")
-    parser.add_argument("--sources", default="wds,hf", help="--rss: the sources to train on")
+    parser.add_argument("--sources", default=None, help=f"of {','.join(SOURCES)} (default: all; --rss: wds,hf)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single measurement (the child process)
     args = parser.parse_args()
     if args.one:
@@ -218,7 +218,7 @@ def main() -> None:
     root, sizes = Path(args.root), [int(s) for s in args.sizes.split(",")]
     if args.rss:
         rows = rss_table(root, sizes, args.steps, args.batch_size, args.resolution, int(args.workers.split(",")[0]),
-                         args.sources.split(","))
+                         (args.sources or "wds,hf").split(","))
         print(f"\nLCM-LoRA, tiny-digits teacher, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, "
               f"--dataloader_num_workers {rows[0]['workers']}: peak RSS of the training process\n")
         print(f"| source | {' | '.join(f'{n} images' for n in sizes)} | change |\n|---|"
@@ -228,7 +228,7 @@ def main() -> None:
                   + f" | {r['change']:+.1%} |")
         return
     rows = bench_table(root, sizes, [int(w) for w in args.workers.split(",")], args.batches, args.batch_size,
-                       args.resolution)
+                       args.resolution, args.sources.split(",") if args.sources else list(SOURCES))
     print(f"\n{args.resolution}-px PNGs, batches of {args.batch_size}, {args.batches} timed batches after the "
           f"first, {os.cpu_count()} CPUs: images/s at {sizes[0]} images; peak PSS (process + workers)\n")
     print(f"| source | workers | images/s | first batch (s) | {' | '.join(f'peak MB, {n} images' for n in sizes)} |"

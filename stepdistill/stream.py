@@ -102,8 +102,11 @@ class HFShards:
 
     def __call__(self, shard: int, on_error) -> Iterator[Raw]:
         part = self.ds.shard(num_shards=len(self.shards), index=shard, contiguous=True)
-        for j, row in enumerate(part):
-            yield f"{self.name}[shard {shard}]:{j}", str(row[self.caption_column]), row[self.image_column]
+        # .iter, not iter(): inside a DataLoader worker iter() would split the shard among the workers again
+        rows = (row for batch in part.iter(batch_size=64)
+                for row in zip(batch[self.caption_column], batch[self.image_column]))
+        for j, (caption, image) in enumerate(rows):
+            yield f"{self.name}[shard {shard}]:{j}", str(caption), image
 
     def check(self) -> None:
         pass  # the columns were checked when the dataset was opened

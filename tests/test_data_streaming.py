@@ -187,8 +187,11 @@ def test_streamed_sources_without_the_caption_column_are_one_line_errors(tmp_pat
         build_dataset(config(dataset_name=str(tmp_path / "hf"), streaming=True), 16, need_images=True)
     stream = build_dataset(config(dataset_name=str(tmp_path / "hf"), streaming=True, caption_column="prompt"), 16,
                            need_images=True)
-    batch = StreamServer(stream, 3, 0, 1, seed=3).batch(1)
-    assert batch["pixel_values"].shape == (3, 3, 16, 16) and set(batch["prompts"]) <= {s[1] for s in samples}
+    # 8 rows in 8 shards, 2 workers: each reader's first epoch (4 rows) lies within its first two batches of 3
+    server = StreamServer(stream, 3, 0, 1, seed=3, workers=2)
+    batches = [server.batch(i) for i in range(4)]
+    assert all(b["pixel_values"].shape == (3, 3, 16, 16) for b in batches)
+    assert len({k for b in batches[:2] for k in b["keys"]}) == 6 and len({k for b in batches for k in b["keys"]}) == 8
 
 
 # ------------------------------------------------------------------------------------------------ latent cache
