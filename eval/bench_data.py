@@ -91,13 +91,14 @@ def make_data(root: Path, n: int, resolution: int) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def _run_measured(cmd: list[str], env: dict, pss: bool) -> tuple[str, float]:
-    """Run ``cmd``; its stdout and peak memory in MB: PSS of it and its children (polled), or its ru_maxrss."""
+def _run_measured(cmd: list[str], env: dict, pss: bool) -> tuple[str, dict]:
+    """Run ``cmd``; its stdout and peak memory in MB: ``pss`` (of it and its children, polled) or ``rss`` (its
+    ru_maxrss) with the peaks of its anonymous and file-backed parts (/proc/PID/status RssAnon, RssFile, polled)."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
-        peak, done = [0.0], threading.Event()
+        peak, done = {"pss": 0.0, "anon": 0.0, "file": 0.0}, threading.Event()
 
         def poll():
             import psutil
@@ -105,14 +106,19 @@ def _run_measured(cmd: list[str], env: dict, pss: bool) -> tuple[str, float]:
             parent = psutil.Process(proc.pid)
             while not done.is_set():
                 try:
-                    total = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
-                    peak[0] = max(peak[0], total / 2**20)
-                except psutil.Error:
+                    if pss:
+                        total = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
+                        peak["pss"] = max(peak["pss"], total / 2**20)
+                    else:
+                        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                        kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Rss")}
+                        peak["anon"] = max(peak["anon"], kb.get("RssAnon", 0) / 1024)
+                        peak["file"] = max(peak["file"], kb.get("RssFile", 0) / 1024)
+                except (psutil.Error, OSError, ValueError):
                     pass
-                time.sleep(0.1)
+                time.sleep(0.1 if pss else 0.5)
 
-        if pss:
-            threading.Thread(target=poll, daemon=True).start()
+        threading.Thread(target=poll, daemon=True).start()
         _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage
         proc.returncode = os.waitstatus_to_exitcode(status)
         done.set()
@@ -120,7 +126,8 @@ def _run_measured(cmd: list[str], env: dict, pss: bool) -> tuple[str, float]:
         err.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-        return out.read(), peak[0] if pss else usage.ru_maxrss / 1024
+        peak["rss"] = usage.ru_maxrss / 1024
+        return out.read(), peak
 
 
 def serve_images(options: dict, workers: int, batches: int, batch_size: int, resolution: int) -> dict:
@@ -163,7 +170,7 @@ def bench_table(root: Path, sizes: list[int], workers: list[int], batches: int, 
                        str(batches), "--batch_size", str(batch_size), "--resolution", str(resolution)]
                 stdout, peak = _run_measured(cmd, env, pss=True)
                 speed = json.loads(stdout.strip().splitlines()[-1])
-                row[f"peak_mb_{n}"] = peak
+                row[f"peak_mb_{n}"] = peak["pss"]
                 row.setdefault("images_per_s", speed["images_per_s"])
                 row.setdefault("first_batch_s", speed["first_batch_s"])
             print(json.dumps(row), flush=True)
@@ -189,7 +196,8 @@ def rss_table(root: Path, sizes: list[int], steps: int, batch_size: int, resolut
             start = time.perf_counter()
             _, peak = _run_measured([sys.executable, str(REPO / "train_scripts" / "train_lcm.py"), *argv], env,
                                     pss=False)
-            row[f"peak_rss_mb_{n}"] = peak
+            row[f"peak_rss_mb_{n}"] = peak["rss"]
+            row[f"peak_anon_mb_{n}"], row[f"peak_file_mb_{n}"] = peak["anon"], peak["file"]
             row[f"minutes_{n}"] = (time.perf_counter() - start) / 60
         a, b = (row[f"peak_rss_mb_{n}"] for n in sizes[:2])
         row["change"] = (b - a) / a
@@ -221,11 +229,12 @@ def main() -> None:
                          (args.sources or "wds,hf").split(","))
         print(f"\nLCM-LoRA, tiny-digits teacher, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, "
               f"--dataloader_num_workers {rows[0]['workers']}: peak RSS of the training process\n")
-        print(f"| source | {' | '.join(f'{n} images' for n in sizes)} | change |\n|---|"
-              + "---|" * (len(sizes) + 1))
+        print(f"| source | {' | '.join(f'{n} images' for n in sizes)} | change | of which anonymous / file-backed |"
+              "\n|---|" + "---|" * (len(sizes) + 2))
         for r in rows:
             print(f"| {r['source']} | " + " | ".join(f"{r[f'peak_rss_mb_{n}']:.0f} MB" for n in sizes)
-                  + f" | {r['change']:+.1%} |")
+                  + f" | {r['change']:+.1%} | "
+                  + ", ".join(f"{r[f'peak_anon_mb_{n}']:.0f} / {r[f'peak_file_mb_{n}']:.0f} MB" for n in sizes) + " |")
         return
     rows = bench_table(root, sizes, [int(w) for w in args.workers.split(",")], args.batches, args.batch_size,
                        args.resolution, args.sources.split(",") if args.sources else list(SOURCES))

@@ -286,7 +286,8 @@ def build_dataset(config, resolution: int, need_images: bool, keep=None):
     captions = samples.captions() if isinstance(samples, HFRows) else [s.caption for s in samples]
     chosen = [i for i, c in enumerate(captions) if keep is None or keep(c)]
     if not chosen:
-        raise StepdistillError("no sample of the data belongs to this part of the partition")
+        raise StepdistillError(f"--{kind} {value}: no samples" if keep is None else
+                               "no sample of the data belongs to this part of the partition")
     if config.max_train_samples:
         chosen = chosen[: config.max_train_samples]
     if len(chosen) < len(captions):

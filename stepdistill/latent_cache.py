@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from .data import ImageCaptionDataset, Sample, _as_is, _Loading
+from .errors import StepdistillError
 
 logger = logging.getLogger(__name__)
 CHUNK = 64  # images per VAE call
@@ -85,62 +86,47 @@ def _map_chunks(dataset: ImageCaptionDataset, workers: int) -> Iterator[tuple[li
                         generator=torch.Generator().manual_seed(0))
     for batch in loader:
         if "error" in batch:
-            from .errors import StepdistillError
-
             raise StepdistillError(batch["error"])
         yield batch["prompts"], batch["pixel_values"]
 
 
 def _stream_chunks(stream) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(captions, images) of a stream in its listed shard order (bad images dropped), in chunks of CHUNK."""
-    raw = stream._raw(stream.source.shards)
-    while True:
-        chunk = []
-        for key, caption, image in raw:
-            try:
-                chunk.append((caption, stream.decode_image(image)))
-            except Exception as e:  # PIL raises many types for broken files
-                stream._mark_bad(key, f"{key}: {e}")
-            if len(chunk) == CHUNK:
-                break
-        if not chunk:
-            return
+    """(captions, images) of a stream in its listed shard order (bad images skipped), in chunks of CHUNK."""
+    items = stream.listed_images()
+    while chunk := list(itertools.islice(items, CHUNK)):
         yield [c for c, _ in chunk], torch.stack([im for _, im in chunk])
-        if len(chunk) < CHUNK:
-            return
 
 
 def _write(directory: Path, fingerprint: str, chunks, encode: Callable, first=None) -> None:
-    """Encode every chunk into ``directory`` (atomically: a .partial folder renamed when complete)."""
+    """Encode every chunk (``first``: the first chunk's latents, already encoded) into ``directory``, ROWS_PER_FILE
+    rows a file, atomically: into a .partial folder renamed when complete."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    captions, files, pending, rows = [], [], {"mean": [], "std": []}, 0
+    captions, files, pending, rows = [], [], [], 0
 
     def flush():
-        nonlocal pending
         name = f"latents-{len(files):05d}.safetensors"
-        save_file({k: torch.cat(v).contiguous() for k, v in pending.items()}, str(tmp / name))
+        save_file({"mean": torch.cat([m for m, _ in pending]), "std": torch.cat([s for _, s in pending])},
+                  str(tmp / name))
         files.append(name)
-        pending = {"mean": [], "std": []}
+        pending.clear()
 
-    for chunk_captions, images in tqdm(chunks, desc=f"caching latents to {directory}", unit="chunk"):
-        mean, std = first if first is not None else encode(images)
+    for chunk_captions, images in tqdm(chunks, desc=f"caching latents in {directory}", unit="chunk"):
+        mean, std = encode(images) if first is None else first
         first = None
         captions += chunk_captions
-        for lo in range(0, len(mean), ROWS_PER_FILE):  # CHUNK divides ROWS_PER_FILE: a chunk never straddles
-            pending["mean"].append(mean[lo:lo + ROWS_PER_FILE])
-            pending["std"].append(std[lo:lo + ROWS_PER_FILE])
+        pending.append((mean, std))
         rows += len(mean)
-        if sum(len(t) for t in pending["mean"]) == ROWS_PER_FILE:
+        if len(pending) * CHUNK == ROWS_PER_FILE:  # every chunk but the last holds CHUNK rows
             flush()
-    if pending["mean"]:
+    if pending:
         flush()
     (tmp / "captions.json").write_text(json.dumps(captions))
-    (tmp / INDEX).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows, "files": files}))  # last
+    (tmp / INDEX).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows, "files": files}))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 

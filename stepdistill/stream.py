@@ -172,6 +172,14 @@ class Stream(SkipsBadImages):
         return [Sample(c, self.source.decode(im) if self.source.decode else im)
                 for _, c, im in itertools.islice(self._raw(self.source.shards), n)]
 
+    def listed_images(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(caption, image) of every sample in the listed shard order, bad images skipped (--cache_latents)."""
+        for key, caption, image in self._raw(self.source.shards):
+            try:
+                yield caption, self.decode_image(image)
+            except Exception as e:  # PIL raises many types for broken files
+                self._mark_bad(key, f"{key}: {e}")
+
     def all_captions(self) -> list[str]:
         """Every caption, in the listed order: one pass over the data that decodes no image (MSD's router)."""
         return [c for _, c, _ in self._raw(self.source.shards)]

@@ -194,6 +194,31 @@ def test_streamed_sources_without_the_caption_column_are_one_line_errors(tmp_pat
     assert len({k for b in batches[:2] for k in b["keys"]}) == 6 and len({k for b in batches for k in b["keys"]}) == 8
 
 
+def test_a_missing_caption_column_stops_the_run_before_weights_load(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    import stepdistill.trainer as trainer
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights loaded before the data was opened")
+
+    monkeypatch.setattr(trainer.Teacher, "for_config", no_loading)
+    pattern = write_shards(tmp_path / "json", 1, 2, lambda i, p: {"png": p["png"], "json": b"{}"})
+    assert run("lcm", train_args(tiny_sd_path, None, tmp_path / "o", train_shards=pattern,
+                                 max_train_samples=None)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "no 'txt' or 'text' member" in err[0] and "--caption_column" in err[0], err
+
+
+def test_msd_parts_filter_the_stream_and_max_train_samples_reads_its_head(shards):
+    is_three = lambda caption: "3" in caption or "three" in caption  # noqa: E731
+    stream = build_dataset(config(train_shards=shards), 16, need_images=True, keep=is_three)
+    part = [c for r in range(2) for _, c, _ in stream.reader_epoch(0, r, 2)]
+    assert sorted(part) == sorted(c for _, c in _digits(60) if is_three(c)) and part
+    assert stream.validation_captions(3) == list(dict.fromkeys(c for _, c in _digits(60) if is_three(c)))[:3]
+    head = build_dataset(config(train_shards=shards, max_train_samples=7), 16, need_images=True)
+    assert not head.streamed and head.captions == [c for _, c in _digits(7)]
+    assert torch.equal(head.get(6)[0], load_image(_digits(7)[6][0], 16))
+
+
 # ------------------------------------------------------------------------------------------------ latent cache
 def _encode(images):  # a stand-in VAE: deterministic, a different shape than the images
     mean = torch.nn.functional.avg_pool2d(images, 4)
