@@ -6,10 +6,13 @@ tiny-digits teacher on N and 10N images instead.
     OMP_NUM_THREADS=1 python eval/bench_data.py --root scratch/bench --sizes 2000,20000
     OMP_NUM_THREADS=1 python eval/bench_data.py --root scratch/bench --sizes 2000,20000 --rss --steps 200
 
-The images are the digits upscaled to --resolution with mild noise (PNG, ~40 kB each at 128 px), written once under
+The images are the digits upscaled to --resolution with mild noise (PNG, ~31 kB each at 128 px), written once under
 --root as an image folder, a Hugging Face dataset (save_to_disk) and WebDataset shards of 1000 samples. Every
 measurement is a fresh process; memory is the peak PSS of the process and its DataLoader workers together
-(sampled every 0.1 s), or with --rss the training process's peak RSS (``wait4``'s ru_maxrss, as /usr/bin/time).
+(sampled every 0.1 s), or with --rss the training process's peak RSS (``wait4``'s ru_maxrss, as /usr/bin/time);
+beside it the peak of its anonymous part (RssAnon: what the process allocated) and, for --rss, of its file-backed
+part (RssFile: pages of mapped files, e.g. the memory-mapped Arrow files of a Hugging Face dataset, which grow with
+the rows read and which the kernel can drop at will).
 """
 
 from __future__ import annotations
@@ -54,10 +57,9 @@ def _pngs(resolution: int, count: int = 1797) -> list[tuple[bytes, str]]:
 def make_data(root: Path, n: int, resolution: int) -> dict[str, dict]:
     """The data options of each source for ``n`` images (written once)."""
     folder, hf, shards = root / f"folder-{n}", root / f"hf-{n}", root / f"wds-{n}"
-    pngs = None
-    if not (folder / "metadata.jsonl").is_file() or not (hf / "state.json").is_file() or not (shards / "done").is_file():
-        pngs = _pngs(resolution)
-    if not (folder / "metadata.jsonl").is_file():
+    done = (folder / "metadata.jsonl").is_file(), (hf / "state.json").is_file(), (shards / "done").is_file()
+    pngs = None if all(done) else _pngs(resolution)
+    if not done[0]:
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
         for i in range(n):
@@ -65,14 +67,14 @@ def make_data(root: Path, n: int, resolution: int) -> dict[str, dict]:
             (folder / f"{i:06d}.png").write_bytes(data)
             rows.append(json.dumps({"file_name": f"{i:06d}.png", "text": caption}))
         (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    if not (hf / "state.json").is_file():
+    if not done[1]:
         import datasets
 
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
         rows = {"image": [{"bytes": pngs[i % len(pngs)][0], "path": None} for i in range(n)],
                 "text": [pngs[i % len(pngs)][1] for i in range(n)]}
         datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(hf))
-    if not (shards / "done").is_file():
+    if not done[2]:
         shards.mkdir(parents=True, exist_ok=True)
         for s in range(-(-n // PER_SHARD)):
             with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
@@ -106,14 +108,16 @@ def _run_measured(cmd: list[str], env: dict, pss: bool) -> tuple[str, dict]:
             parent = psutil.Process(proc.pid)
             while not done.is_set():
                 try:
+                    tree = [parent, *parent.children(recursive=True)] if pss else [parent]
                     if pss:
-                        total = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
-                        peak["pss"] = max(peak["pss"], total / 2**20)
-                    else:
-                        status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                        kb = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Rss")}
-                        peak["anon"] = max(peak["anon"], kb.get("RssAnon", 0) / 1024)
-                        peak["file"] = max(peak["file"], kb.get("RssFile", 0) / 1024)
+                        peak["pss"] = max(peak["pss"], sum(p.memory_full_info().pss for p in tree) / 2**20)
+                    kb = {"RssAnon": 0, "RssFile": 0}
+                    for p in tree:
+                        for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                            if line.split(":")[0] in kb:
+                                kb[line.split(":")[0]] += int(line.split()[1])
+                    peak["anon"] = max(peak["anon"], kb["RssAnon"] / 1024)
+                    peak["file"] = max(peak["file"], kb["RssFile"] / 1024)
                 except (psutil.Error, OSError, ValueError):
                     pass
                 time.sleep(0.1 if pss else 0.5)
@@ -170,7 +174,7 @@ def bench_table(root: Path, sizes: list[int], workers: list[int], batches: int, 
                        str(batches), "--batch_size", str(batch_size), "--resolution", str(resolution)]
                 stdout, peak = _run_measured(cmd, env, pss=True)
                 speed = json.loads(stdout.strip().splitlines()[-1])
-                row[f"peak_mb_{n}"] = peak["pss"]
+                row[f"peak_mb_{n}"], row[f"peak_anon_mb_{n}"] = peak["pss"], peak["anon"]
                 row.setdefault("images_per_s", speed["images_per_s"])
                 row.setdefault("first_batch_s", speed["first_batch_s"])
             print(json.dumps(row), flush=True)
@@ -179,29 +183,39 @@ def bench_table(root: Path, sizes: list[int], workers: list[int], batches: int, 
 
 
 def rss_table(root: Path, sizes: list[int], steps: int, batch_size: int, resolution: int, workers: int,
-              sources: list[str]) -> list[dict]:
-    rows = []
+              sources: list[str], jobs: int = 1) -> list[dict]:
+    """Peak memory of ``train_scripts/train_lcm.py`` runs, ``jobs`` of them at a time (each its own process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    options = {n: make_data(root, n, resolution) for n in sizes}
+
+    def train(source: str, n: int) -> dict:
+        argv = ["--pretrained_model_name_or_path", str(REPO / "assets" / "tiny-digits-sd"), "--output_dir",
+                str(root / "runs" / f"{source}-{n}"), "--resolution", str(resolution), "--max_train_steps",
+                str(steps), "--train_batch_size", str(batch_size), "--checkpointing_steps", "0",
+                "--dataloader_num_workers", str(workers)]
+        for k, v in options[n][source].items():
+            argv += [f"--{k}", v]
+        start = time.perf_counter()
+        _, peak = _run_measured([sys.executable, str(REPO / "train_scripts" / "train_lcm.py"), *argv], env,
+                                pss=False)
+        print(json.dumps({"source": source, "images": n, **peak, "minutes": (time.perf_counter() - start) / 60}),
+              flush=True)
+        return peak
+
+    runs = [(source, n) for source in sources for n in sizes]
+    with ThreadPoolExecutor(jobs) as pool:
+        peaks = dict(zip(runs, pool.map(lambda run: train(*run), runs)))
+    rows = []
     for source in sources:
         row = {"source": source, "steps": steps, "workers": workers}
         for n in sizes:
-            options = make_data(root, n, resolution)[source]
-            out = root / "runs" / f"{source}-{n}"
-            argv = ["--pretrained_model_name_or_path", str(REPO / "assets" / "tiny-digits-sd"), "--output_dir",
-                    str(out), "--resolution", str(resolution), "--max_train_steps", str(steps),
-                    "--train_batch_size", str(batch_size), "--checkpointing_steps", "0",
-                    "--dataloader_num_workers", str(workers)]
-            for k, v in options.items():
-                argv += [f"--{k}", v]
-            start = time.perf_counter()
-            _, peak = _run_measured([sys.executable, str(REPO / "train_scripts" / "train_lcm.py"), *argv], env,
-                                    pss=False)
-            row[f"peak_rss_mb_{n}"] = peak["rss"]
-            row[f"peak_anon_mb_{n}"], row[f"peak_file_mb_{n}"] = peak["anon"], peak["file"]
-            row[f"minutes_{n}"] = (time.perf_counter() - start) / 60
+            peak = peaks[source, n]
+            row[f"peak_rss_mb_{n}"], row[f"peak_anon_mb_{n}"], row[f"peak_file_mb_{n}"] = (
+                peak["rss"], peak["anon"], peak["file"])
         a, b = (row[f"peak_rss_mb_{n}"] for n in sizes[:2])
         row["change"] = (b - a) / a
-        print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
@@ -216,6 +230,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rss", action="store_true", help="peak RSS of LCM-LoRA runs instead")
     parser.add_argument("--steps", type=int, default=200, help="--rss: training steps")
+    parser.add_argument("--jobs", type=int, default=1, help="--rss: training runs at a time")
     parser.add_argument("--sources", default=None, help=f"of {','.join(SOURCES)} (default: all; --rss: wds,hf)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single measurement (the child process)
     args = parser.parse_args()
@@ -226,7 +241,7 @@ def main() -> None:
     root, sizes = Path(args.root), [int(s) for s in args.sizes.split(",")]
     if args.rss:
         rows = rss_table(root, sizes, args.steps, args.batch_size, args.resolution, int(args.workers.split(",")[0]),
-                         (args.sources or "wds,hf").split(","))
+                         (args.sources or "wds,hf").split(","), args.jobs)
         print(f"\nLCM-LoRA, tiny-digits teacher, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, "
               f"--dataloader_num_workers {rows[0]['workers']}: peak RSS of the training process\n")
         print(f"| source | {' | '.join(f'{n} images' for n in sizes)} | change | of which anonymous / file-backed |"
@@ -239,12 +254,13 @@ def main() -> None:
     rows = bench_table(root, sizes, [int(w) for w in args.workers.split(",")], args.batches, args.batch_size,
                        args.resolution, args.sources.split(",") if args.sources else list(SOURCES))
     print(f"\n{args.resolution}-px PNGs, batches of {args.batch_size}, {args.batches} timed batches after the "
-          f"first, {os.cpu_count()} CPUs: images/s at {sizes[0]} images; peak PSS (process + workers)\n")
-    print(f"| source | workers | images/s | first batch (s) | {' | '.join(f'peak MB, {n} images' for n in sizes)} |"
-          "\n|---|---|---|---|" + "---|" * len(sizes))
+          f"first, {os.cpu_count()} CPUs: images/s at {sizes[0]} images; peak PSS of the process and its workers "
+          "(their peak anonymous RSS)\n")
+    print(f"| source | workers | images/s | first batch (s) | "
+          f"{' | '.join(f'peak MB, {n} images (anonymous)' for n in sizes)} |\n|---|---|---|---|" + "---|" * len(sizes))
     for r in rows:
         print(f"| {r['source']} | {r['workers']} | {r['images_per_s']:.0f} | {r['first_batch_s']:.1f} | "
-              + " | ".join(f"{r[f'peak_mb_{n}']:.0f}" for n in sizes) + " |")
+              + " | ".join(f"{r[f'peak_mb_{n}']:.0f} ({r[f'peak_anon_mb_{n}']:.0f})" for n in sizes) + " |")
 
 
 if __name__ == "__main__":

@@ -92,9 +92,13 @@ def test_hugging_face_dataset_is_decoded_row_by_row_and_gives_the_same_samples(t
     features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
     datasets.Dataset.from_dict({"img": [s[0] for s in samples], "caption": [s[1] for s in samples]},
                                features=features).save_to_disk(tmp_path / "hf")
-    decoded = []
-    original = datasets.Image.decode_example
-    monkeypatch.setattr(datasets.Image, "decode_example", lambda self, v, **k: decoded.append(1) or original(self, v, **k))
+    decoded, original = [], datasets.Image.decode_example
+
+    def counted(self, value, **kwargs):
+        decoded.append(1)
+        return original(self, value, **kwargs)
+
+    monkeypatch.setattr(datasets.Image, "decode_example", counted)
     dataset = build_dataset(config(dataset_name=str(tmp_path / "hf"), image_column="img", caption_column="caption"),
                             16, need_images=True)
     assert decoded == []  # nothing decoded up front
