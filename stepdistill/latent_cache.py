@@ -48,6 +48,9 @@ class DiskLatents:
         self.directory = Path(directory)
         self.index = json.loads((self.directory / INDEX).read_text())
         self.files = [safe_open(str(self.directory / f), framework="pt") for f in self.index["files"]]
+        # the encoder's memory layout (a VAE may return channels-last latents): kept, so that the numbers downstream
+        # are those of the in-memory cache
+        self.memory_format = torch.channels_last if self.index.get("channels_last") else torch.contiguous_format
 
     def __len__(self) -> int:
         return self.index["rows"]
@@ -61,7 +64,7 @@ class DiskLatents:
             f, r = self.files[i // ROWS_PER_FILE], i % ROWS_PER_FILE
             for name in out:
                 out[name].append(f.get_slice(name)[r:r + 1])
-        return torch.cat(out["mean"]), torch.cat(out["std"])
+        return tuple(torch.cat(out[k]).contiguous(memory_format=self.memory_format) for k in ("mean", "std"))
 
 
 def _fingerprint(config, dataset) -> str:
@@ -110,14 +113,19 @@ def _write(directory: Path, fingerprint: str, chunks, encode: Callable, first=No
 
     def flush():
         name = f"latents-{len(files):05d}.safetensors"
-        save_file({"mean": torch.cat([m for m, _ in pending]), "std": torch.cat([s for _, s in pending])},
+        save_file({"mean": torch.cat([m for m, _ in pending]).contiguous(),
+                   "std": torch.cat([s for _, s in pending]).contiguous()},
                   str(tmp / name))
         files.append(name)
         pending.clear()
 
+    channels_last = None
     for chunk_captions, images in tqdm(chunks, desc=f"caching latents in {directory}", unit="chunk"):
         mean, std = encode(images) if first is None else first
         first = None
+        if channels_last is None:
+            channels_last = mean.dim() == 4 and not mean.is_contiguous() and mean.is_contiguous(
+                memory_format=torch.channels_last)
         captions += chunk_captions
         pending.append((mean, std))
         rows += len(mean)
@@ -126,7 +134,8 @@ def _write(directory: Path, fingerprint: str, chunks, encode: Callable, first=No
     if pending:
         flush()
     (tmp / "captions.json").write_text(json.dumps(captions))
-    (tmp / INDEX).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows, "files": files}))
+    (tmp / INDEX).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows, "files": files,
+                                          "channels_last": bool(channels_last)}))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 

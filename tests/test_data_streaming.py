@@ -297,3 +297,15 @@ def test_map_style_training_with_workers_logs_the_losses_of_the_run_without(tiny
                                      gradient_accumulation_steps=2, learning_rate=1e-3)) == 0
         logs.append([r["loss"] for r in read_logs(out)])
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_training_on_latents_cached_on_disk_logs_the_losses_of_the_in_memory_cache(tiny_sd_path, digits_dir,
+                                                                                   tmp_path):
+    logs = []
+    for max_bytes in (4 << 30, 1):
+        out = tmp_path / f"cache{max_bytes}"
+        assert run("lcm", train_args(tiny_sd_path, digits_dir, out, max_train_steps=2, cache_latents="true",
+                                     latent_cache_max_bytes=max_bytes, learning_rate=1e-3)) == 0
+        logs.append([r["loss"] for r in read_logs(out)])
+    assert (out / "latent_cache" / "index.json").is_file()  # the second run went to disk
+    assert logs[0] == logs[1]
