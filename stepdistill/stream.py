@@ -154,8 +154,6 @@ class Stream(SkipsBadImages):
 
     def __init__(self, name: str, source, resolution: int, seed: int, keep=None, max_bad: int = 10,
                  shuffle_buffer: int = 1000):
-        if shuffle_buffer < 1:
-            raise StepdistillError(f"--shuffle_buffer {shuffle_buffer}: must be at least 1")
         self.name, self.source, self.resolution, self.seed, self.keep = name, source, resolution, seed, keep
         self.max_bad, self.shuffle_buffer = max_bad, shuffle_buffer
         self.bad: set = set()
@@ -168,7 +166,8 @@ class Stream(SkipsBadImages):
                     yield raw
 
     def head(self, n: int) -> list[Sample]:
-        """The first ``n`` samples in the listed shard order, undecoded (--max_train_samples)."""
+        """The first ``n`` samples in the listed shard order (--max_train_samples): a tar's image bytes, a
+        dataset's image as datasets decodes it."""
         return [Sample(c, self.source.decode(im) if self.source.decode else im)
                 for _, c, im in itertools.islice(self._raw(self.source.shards), n)]
 
