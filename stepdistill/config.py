@@ -54,14 +54,26 @@ class TrainConfig:
     # data
     train_data_dir: str | None = option(None, "image folder with metadata.jsonl (file_name, text), or "
                                               "builtin:tiny-digits for the embedded world's data")
-    dataset_name: str | None = option(None, "a Hugging Face dataset name or path (needs `datasets`)")
+    dataset_name: str | None = option(None, "a Hugging Face dataset name or path (needs `datasets`): kept as Arrow, "
+                                            "each row decoded when served")
+    streaming: bool = option(False, "stream --dataset_name (datasets' streaming=True) instead of downloading it: "
+                                    "for hub-size sets; shards split among processes and workers like "
+                                    "--train_shards")
     image_column: str = option("image", "image column of --dataset_name")
     caption_column: str = option("text", "caption column of --dataset_name / metadata.jsonl")
     train_shards: str | None = option(None, "WebDataset shard pattern, e.g. data/{00000..00099}.tar (needs "
-                                            "`webdataset`)")
+                                            "`webdataset`), streamed: shards split among processes and workers")
+    shuffle_buffer: int = option(1000, "streamed data (--train_shards, --streaming): samples in the shuffle buffer of "
+                                       "each reader (undecoded)")
     prompts_file: str | None = option(None, "one prompt per line, for data-free methods")
-    max_train_samples: int | None = option(None, "use only the first N samples of the data")
+    max_train_samples: int | None = option(None, "use only the first N samples of the data (of streamed data: read "
+                                                 "into memory)")
     cache_latents: bool = option(False, "encode every image with the VAE once, before training")
+    latent_cache_max_bytes: int = option(4 << 30, "--cache_latents keeps latents up to this size in memory; larger "
+                                                  "sets (and streamed ones) are cached to safetensors files on disk")
+    latent_cache_dir: str | None = option(None, "where --cache_latents writes latents that go to disk (default: "
+                                                "OUTPUT_DIR/latent_cache; reused when complete and from the same "
+                                                "data and model)")
     max_bad_images: int = option(10, "unreadable images are skipped with a warning; more than this many is an error")
     resolution: int | None = option(None, "training resolution in pixels (default: the base model's)")
     # optimisation
@@ -127,7 +139,8 @@ class TrainConfig:
     push_to_hub: bool = option(False, "upload the output folder (weights, recipe, card, samples; no checkpoints) "
                                       "to the Hugging Face Hub at the end (huggingface_hub; needs a login)")
     hub_model_id: str | None = option(None, "the Hub repository for --push_to_hub, e.g. user/sd15-lcm-lora")
-    dataloader_num_workers: int = option(0, "worker processes that load images")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes that decode images ahead of training (0: "
+                                            "in the training process)")
 
 
 def _field_type(f: dataclasses.Field, owner) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, load_checkpoint_weights, resolve_checkpoint, save_checkpoint
-from .data import BatchServer, build_dataset
+from .data import build_dataset, serve
 from .errors import StepdistillError
 from .methods.base import PhaseContext
 from .lora import trainable_state_dict
@@ -67,11 +67,12 @@ class Trainer:
             enable_tf32()
         # mixed precision (stepdistill/precision.py): the frozen networks in fp16/bf16, trainable ones in float32
         self.weight_dtype = weight_dtype(acc.mixed_precision)
-        self.teacher = Teacher.for_config(config, self.weight_dtype, acc.device)
         self.resolution = config.resolution  # set and checked by preflight
         self.keep = keep
+        # opened (columns, first sample, image headers) before any weights load; streamed sources are not read
         self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
                                      keep=keep)
+        self.teacher = Teacher.for_config(config, self.weight_dtype, acc.device)
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher, keep=keep)
         keep_trainable_in_float32(self.method)
@@ -80,9 +81,9 @@ class Trainer:
                 if hasattr(net, "enable_gradient_checkpointing"):
                     net.enable_gradient_checkpointing()
         self._cache_prompts()
-        latents = self._cache_latents() if config.cache_latents and self.dataset.has_images else None
-        self.data = BatchServer(self.dataset, config.train_batch_size, acc.process_index, acc.num_processes,
-                                config.seed, latents)
+        self.data = serve(config, self.dataset, acc.process_index, acc.num_processes,
+                          encode=self._encode_latents if config.cache_latents else None,
+                          main=acc.is_main_process, barrier=acc.wait_for_everyone)
 
         # wrapped: each network as the accelerator prepared it (DDP in distributed runs); methods only ever see the
         # wrapped module of the phase they compute (PhaseContext.trained)
@@ -122,25 +123,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ caching
     def _cache_prompts(self) -> None:
-        """Encode every distinct caption once, up front (bounded, so huge caption sets stay lazy)."""
-        captions = list(dict.fromkeys(s.caption for s in self.dataset.samples))
+        """Encode every distinct caption once, up front (bounded, so huge caption sets stay lazy; streamed data:
+        encoded as they come, through the teacher's LRU)."""
+        captions = [] if self.dataset.streamed else list(dict.fromkeys(self.dataset.captions))
         extra = list(self.config.validation_prompts or [])
         if len(captions) <= 20_000:
             for i in range(0, len(captions), 256):
                 self.teacher.encode_prompt(captions[i:i + 256], self.resolution)
         self.teacher.encode_prompt([""] + extra, self.resolution)
 
-    def _cache_latents(self):
-        from tqdm.auto import tqdm
-
-        means, stds = [], []
-        n = len(self.dataset)
-        for start in tqdm(range(0, n, 64), desc="caching latents", disable=not self.accelerator.is_main_process):
-            images = torch.stack([self.dataset.get(i)[0] for i in range(start, min(n, start + 64))])
-            mean, std = self.teacher.latent_dist(images.to(self.accelerator.device))
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-        return torch.cat(means), torch.cat(stds)
+    def _encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.teacher.latent_dist(images.to(self.accelerator.device))
+        return mean.cpu(), std.cpu()
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
@@ -289,7 +283,7 @@ class Trainer:
     def validation_prompts(self) -> list[str]:
         prompts = [p for p in self.config.validation_prompts or [] if self.keep is None or self.keep(p)]
         if not prompts:
-            prompts = list(dict.fromkeys(s.caption for s in self.dataset.samples))[:8]
+            prompts = self.dataset.validation_captions(8)
         return prompts
 
     @torch.no_grad()

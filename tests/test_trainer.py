@@ -151,6 +151,8 @@ def test_bad_input_is_one_line_before_training(argv_extra, yaml_text, message, t
     ("lcm", {"train_data_dir": "no/such/folder"}, "--train_data_dir no/such/folder: no such directory"),
     ("lcm", {"train_data_dir": None, "train_shards": "no/such/{000..002}.tar"},
      "--train_shards no/such/{000..002}.tar: 3 of 3 shards do not exist (first: no/such/000.tar)"),
+    ("lcm", {"streaming": "true"}, "--streaming streams a --dataset_name (--train_shards always stream); drop it"),
+    ("lcm", {"dataloader_num_workers": -1}, "--dataloader_num_workers -1: must be >= 0"),
     ("sid", {"train_data_dir": None}, "SiD is data-free: pass --prompts_file (one prompt per line)"),
     ("dmd2", {"train_data_dir": None}, "DMD2 needs prompts: pass --prompts_file"),
     ("sid", {"train_data_dir": None, "prompts_file": "no/such/prompts.txt"}, "--prompts_file no/such/prompts.txt: "

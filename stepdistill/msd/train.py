@@ -156,7 +156,8 @@ class MSDTraining:
         self.output_dir = Path(config.output_dir)
         self.main_process = int(os.environ.get("RANK", "0")) == 0
         dataset = build_dataset(config, check_resolution(config), need_images=False)
-        data_captions = list(dict.fromkeys(s.caption for s in dataset.samples))
+        all_captions = dataset.all_captions()  # streamed data: one pass that decodes no image
+        data_captions = list(dict.fromkeys(all_captions))
         # the prompts the students learn from: the prompt file's when images only feed the GAN, else the captions
         from ..prompts import read_prompts
 
@@ -170,7 +171,7 @@ class MSDTraining:
         if extra:
             embed = self._embedder() if self.router.kind == "kmeans" else None
             self.parts.update(zip(extra, self.router.route(extra, embed(extra) if embed else None)))
-        sizes = [sum(1 for s in dataset.samples if self.parts[s.caption] == k) for k in range(config.num_students)]
+        sizes = [sum(1 for c in all_captions if self.parts[c] == k) for k in range(config.num_students)]
         logger.info("MSD partition (%s, K=%d): samples per student %s", config.partition, config.num_students, sizes)
 
     def _embedder(self):
