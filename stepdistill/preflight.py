@@ -1,6 +1,7 @@
 """Every check a training run makes before any weights load: the base model, the steps, the output directory, the
-checkpoint to resume, the resolution (read from the components' config files alone) and the precision options
-(mixed precision on this machine, 8-bit Adam, another VAE, a weights variant)."""
+checkpoint to resume, the resolution (read from the components' config files alone), the precision options
+(mixed precision on this machine, 8-bit Adam, another VAE, a weights variant) and the launch (DeepSpeed refused; FSDP
+only for full networks)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from .checkpoint import check_init_checkpoint, resolve_checkpoint
 from .data import data_source
 from .errors import StepdistillError
+from .fsdp import check_launch
 from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
 
@@ -32,6 +34,7 @@ def preflight(config, method_cls) -> None:
     """Every check that needs no model weights, before anything expensive is loaded."""
     check_pipeline(str(config.pretrained_model_name_or_path), config.revision, getattr(config, "cache_dir", None))
     check_precision(config)
+    check_launch(config, method_cls)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
