@@ -304,9 +304,12 @@ def load_sharded_checkpoint(path: str | Path, *, networks: dict, optimizers: dic
     _load_sharded(path, state)
     for name, net in networks.items():
         set_model_state_dict(net, state["model"][name], options=StateDictOptions(strict=False))
+        # strict=False: parameters without saved state (a GAN head before the GAN starts) get none, as in the run
+        # that wrote the checkpoint (Optimizer.load_state_dict replaces the whole state)
         set_optimizer_state_dict(net, _inner(optimizers[name]),
                                  {"state": state["optimizer"][name],
-                                  "param_groups": meta["optimizers"][name]["param_groups"]})
+                                  "param_groups": meta["optimizers"][name]["param_groups"]},
+                                 options=StateDictOptions(strict=False))
     for name, tensors in state["copies"].items():
         set_model_state_dict(copies[name], tensors)
     for name, sched in schedulers.items():
@@ -314,32 +317,56 @@ def load_sharded_checkpoint(path: str | Path, *, networks: dict, optimizers: dic
     return int(meta["step"])
 
 
+def _shard_like(full: dict, template: dict) -> dict:
+    """Full tensors (every process read the same file) as this process's shards of ``template``'s tensors, with no
+    communication (``distribute_tensor(src_data_rank=None)`` keeps each process's own chunk of its local data).
+    ``set_model_state_dict(full_state_dict=True)`` would instead scatter every tensor from process 0."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for key, value in full.items():
+        like = template.get(key)
+        if isinstance(value, dict):
+            out[key] = _shard_like(value, like or {})
+        elif isinstance(like, DTensor):
+            out[key] = distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                         src_data_rank=None)
+        elif torch.is_tensor(like):
+            out[key] = value.to(like.device, like.dtype)
+        else:
+            out[key] = value
+    return out
+
+
 def load_unsharded_into_sharded(path: str | Path, *, networks: dict, optimizers: dict, schedulers: dict,
                                 copies: dict) -> int:
     """Resume an FSDP run from a checkpoint written without FSDP (one safetensors file per module): every process
     reads the full tensors and keeps its shards of them. Every process calls it. Returns the step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, \
+        set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     meta = json.loads((path / STATE_NAME).read_text())
     modules = load_checkpoint_weights(path)
-    full = StateDictOptions(full_state_dict=True, strict=False)
+    lenient = StateDictOptions(strict=False)
     for name, net in networks.items():
         names = [n for n, p in net.named_parameters() if p.requires_grad]
         missing = set(names) - set(modules.get(name, {}))
         if missing:
             raise StepdistillError(f"{path}: checkpoint lacks {len(missing)} trainable tensors of {name} (e.g. "
                                    f"{sorted(missing)[0]}): a different LoRA rank or model?")
-        set_model_state_dict(net, modules[name], options=full)
-        # the unsharded format numbers the parameters in the optimizer's order (the network's trainable ones)
+        set_model_state_dict(net, _shard_like(modules[name], _trainable_state(net)), options=lenient)
+        # the unsharded format numbers the parameters in the optimizer's order (the network's trainable ones);
+        # the template (a fresh optimizer's state, initialised at lr 0) gives each entry's placement
         osd = _join_optimizer_state(load_file(path / f"optimizer-{name}.safetensors"), meta["optimizers"][name])
-        named = {"state": {names[i]: entry for i, entry in osd["state"].items()},
-                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
-        set_optimizer_state_dict(net, _inner(optimizers[name]), named, options=full)
+        template = get_optimizer_state_dict(net, _inner(optimizers[name]))["state"]
+        state = _shard_like({names[i]: entry for i, entry in osd["state"].items()}, template)
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
+        set_optimizer_state_dict(net, _inner(optimizers[name]), {"state": state, "param_groups": groups},
+                                 options=lenient)
     for name, module in copies.items():
         if name in modules:
-            set_model_state_dict(module, modules[name], options=StateDictOptions(full_state_dict=True))
+            set_model_state_dict(module, _shard_like(modules[name], _module_state(module)))
     for name, sched in schedulers.items():
         sched.load_state_dict(meta["schedulers"][name])
     return int(meta["step"])
@@ -381,8 +408,9 @@ def load_weights_any(path: str | Path, *, networks: dict, copies: dict, option: 
             for name, tensors in state[group].items():
                 set_model_state_dict(modules[name], tensors, options=StateDictOptions(strict=False))
     else:
-        full = StateDictOptions(full_state_dict=True, strict=False)
         for group, modules in (("model", networks), ("copies", copies)):
-            for name in state[group]:
-                set_model_state_dict(modules[name], flat[name], options=full)
+            for name, wanted in state[group].items():
+                tensors = {k: v for k, v in flat[name].items() if k in wanted}
+                set_model_state_dict(modules[name], _shard_like(tensors, wanted),
+                                     options=StateDictOptions(strict=False))
     return kept

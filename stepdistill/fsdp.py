@@ -85,8 +85,14 @@ def activate(accelerator, plugin) -> bool:
     """Whether this run shards its networks with FSDP2 (an FSDP launch with more than one process). Accelerate 1.16
     switches to FSDP only for accelerator devices (state.py, AcceleratorState.__init__: the MULTI_GPU/MULTI_XPU/...
     branch); a CPU launch (gloo) stays MULTI_CPU and would silently train DDP-style. There the trainer sets the
-    state Accelerate sets on a GPU: the distributed type and the plugin. Everything after that (prepare ->
-    _prepare_fsdp2 -> fsdp2_prepare_model -> fully_shard) is Accelerate's own code, on either device."""
+    state Accelerate sets on a GPU: the plugin, and the distributed type FSDP in both shared states, AcceleratorState
+    and PartialState (state.py: ``PartialState._shared_state["distributed_type"] = self.distributed_type``).
+    PartialState matters: every later ``AcceleratorState()`` (an AcceleratedOptimizer makes one) copies PartialState's
+    fields over its own, and a MULTI_CPU there would turn the next ``prepare`` into DDP. Everything after that
+    (prepare -> _prepare_fsdp2 -> fsdp2_prepare_model -> fully_shard) is Accelerate's own code, on either device.
+    (One consequence of the FSDP PartialState: ``wait_for_everyone`` passes ``device_ids`` to the gloo barrier, as
+    on a GPU; on a CPU-only machine torch maps it to the CPU.)"""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     if plugin is None:
@@ -95,8 +101,11 @@ def activate(accelerator, plugin) -> bool:
         logger.info("FSDP launch with one process: nothing to shard, the networks train whole (checkpoints in the "
                     "unsharded format)")
         return False
-    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if accelerator.device.type == "cpu" and accelerator.distributed_type in (DistributedType.MULTI_CPU,
+                                                                             DistributedType.FSDP):
+        # FSDP already: an earlier training of this process (one launch, several trainings) promoted PartialState
         accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     if not accelerator.is_fsdp2:
         raise StepdistillError(f"FSDP launch: Accelerate set up {accelerator.distributed_type}, not FSDP2; launch "
@@ -110,16 +119,27 @@ def activate(accelerator, plugin) -> bool:
 def shard_copies(accelerator, modules: dict) -> None:
     """Shard frozen copies that follow a trained network (EMA targets) with the same plugin and wrap policy: their
     shards then line up with the network's, so an EMA update is local to each process (``torch._foreach_lerp_`` on
-    DTensors of equal placement) and their forward gathers like the network's."""
+    DTensors of equal placement) and their forward gathers like the network's. Every unit of a copy reshards after
+    forward: Accelerate keeps the root's and the final norm's parameters gathered after forward for the backward
+    that follows (fsdp2_prepare_model: the root's reshard_after_forward left to torch, which makes it False; the
+    "tail" group with False), and a copy never runs backward, so its ``parameters()`` would stay gathered plain
+    tensors beside the network's DTensors."""
     from accelerate.utils import fsdp2_prepare_model
 
     for module in modules.values():
         fsdp2_prepare_model(accelerator, module)
+        module.set_reshard_after_forward(True, recurse=True)
 
 
-def optimizer_params(optimizer) -> list:
+def sharded_params(name: str, module, optimizer) -> list:
     """The parameters an optimizer steps: after ``Accelerator.prepare`` under FSDP2, the sharded DTensor parameters
-    that replaced the module's originals (accelerate fsdp2_switch_optimizer_parameters)."""
+    that replaced the module's originals (accelerate fsdp2_switch_optimizer_parameters). Checks that the module
+    was sharded: a prepare that fell back to DDP would train correctly but hold every weight on every process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        raise RuntimeError(f"FSDP launch: Accelerate prepared {name} as {type(module).__name__}, not as an FSDP "
+                           "module")
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 

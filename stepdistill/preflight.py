@@ -33,8 +33,8 @@ def _check_output_dir(path: str) -> None:
 def preflight(config, method_cls) -> None:
     """Every check that needs no model weights, before anything expensive is loaded."""
     check_pipeline(str(config.pretrained_model_name_or_path), config.revision, getattr(config, "cache_dir", None))
-    check_precision(config)
     check_launch(config, method_cls)
+    check_precision(config)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:

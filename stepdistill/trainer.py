@@ -102,7 +102,7 @@ class Trainer:
             wrapped, self.optimizers[name] = acc.prepare(net, opt)
             self.wrapped[name] = wrapped
             # FSDP2 shards the module in place (wrapped is net) with new, sharded parameters: the optimizer's
-            self.params[name] = fsdp.optimizer_params(self.optimizers[name]) if self.fsdp else params
+            self.params[name] = fsdp.sharded_params(name, wrapped, self.optimizers[name]) if self.fsdp else params
         if self.fsdp:
             fsdp.shard_copies(acc, self.method.ema_copies())
         self.step = 0
