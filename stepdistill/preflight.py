@@ -1,6 +1,7 @@
 """Every check a training run makes before any weights load: the base model, the steps, the output directory, the
-checkpoint to resume, the resolution (read from the components' config files alone) and the precision options
-(mixed precision on this machine, 8-bit Adam, another VAE, a weights variant)."""
+checkpoint to resume, the resolution (read from the components' config files alone), the precision options
+(mixed precision on this machine, 8-bit Adam, another VAE, a weights variant) and the launch (DeepSpeed refused; FSDP
+only for full networks)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from .checkpoint import check_init_checkpoint, resolve_checkpoint
 from .data import data_source
 from .errors import StepdistillError
+from .fsdp import check_launch
 from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
 
@@ -34,6 +36,7 @@ def preflight(config, method_cls) -> None:
     from .safe_weights import check_no_pickle
 
     check_no_pickle(config.pretrained_model_name_or_path, getattr(config, "allow_pickle", False))
+    check_launch(config, method_cls)
     check_precision(config)
     if config.max_train_steps < 1:
         raise StepdistillError(f"--max_train_steps {config.max_train_steps}: must be at least 1")

@@ -1,6 +1,6 @@
-"""The one training loop every method runs in: Accelerate underneath (DDP, mixed precision; FSDP/DeepSpeed
-through the user's accelerate config), gradient accumulation, atomic resumable checkpoints, a progress bar with
-the losses, JSONL and tracker logging, validation grids, and the final Diffusers-loadable output."""
+"""The one training loop every method runs in: Accelerate underneath (DDP, mixed precision; FSDP2 for full networks
+through an accelerate config: stepdistill/fsdp.py), gradient accumulation, atomic resumable checkpoints, a progress
+bar with the losses, JSONL and tracker logging, validation grids, and the final Diffusers-loadable output."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_checkpoint_weights, resolve_checkpoint, save_checkpoint
+from . import fsdp
+from .checkpoint import (SHARDED_FORMAT, checkpoint_format, load_checkpoint, load_checkpoint_weights,
+                         load_sharded_checkpoint, load_unsharded_into_sharded, load_weights_any, resolve_checkpoint,
+                         save_checkpoint, save_sharded_checkpoint)
 from .data import build_dataset, serve
 from .errors import StepdistillError
 from .methods.base import PhaseContext
@@ -52,11 +55,14 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         # Accelerate picks MULTI_CPU (gloo) for a torchrun/mpirun launch only when told to use the CPU
         multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        fsdp_plugin = fsdp.launch_plugin()  # None unless an FSDP launch
         self.accelerator = Accelerator(
             cpu=multi_process_cpu, mixed_precision=config.mixed_precision, log_with=config.report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+            fsdp_plugin=fsdp_plugin,
         )
         acc = self.accelerator
+        self.fsdp = fsdp.activate(acc, fsdp_plugin)  # the networks are sharded (FSDP2)
         self.output_dir = Path(config.output_dir)
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -96,7 +102,10 @@ class Trainer:
             self.schedulers[name] = _lr_scheduler(config, opt, updates)
             wrapped, self.optimizers[name] = acc.prepare(net, opt)
             self.wrapped[name] = wrapped
-            self.params[name] = params
+            # FSDP2 shards the module in place (wrapped is net) with new, sharded parameters: the optimizer's
+            self.params[name] = fsdp.sharded_params(name, wrapped, self.optimizers[name]) if self.fsdp else params
+        if self.fsdp:
+            fsdp.shard_copies(acc, self.method.ema_copies())
         self.step = 0
         self.log_file = self.output_dir / "logs.jsonl"
         resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
@@ -140,7 +149,14 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if self.fsdp:  # every process writes its shards
+            path = save_sharded_checkpoint(
+                self.output_dir, self.step, method=self.method_cls.name, networks=self.method.networks,
+                optimizers=self.optimizers, schedulers=self.schedulers, copies=self.method.ema_copies(),
+                total_limit=self.config.checkpoints_total_limit, is_main=acc.is_main_process,
+                barrier=acc.wait_for_everyone, num_processes=acc.num_processes)
+            logger.info("saved %s (sharded, %d processes)", path, acc.num_processes)
+        elif acc.is_main_process:
             modules = {name: trainable_state_dict(acc.unwrap_model(w)) for name, w in self.wrapped.items()}
             modules.update(self.method.extra_state())
             path = save_checkpoint(self.output_dir, self.step, method=self.method_cls.name, modules=modules,
@@ -154,17 +170,36 @@ class Trainer:
         whole."""
         import shutil
 
-        if not self.accelerator.is_main_process:
+        if not (self.accelerator.is_main_process or self.fsdp):
             return
         final = self.output_dir / "snapshots" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.method.save_output(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        logger.info("output snapshot: %s", final)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._write_output(tmp)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            logger.info("output snapshot: %s", final)
+
+    def _write_output(self, folder: Path) -> None:
+        """The method's output files in ``folder``, written by the main process (under FSDP every process first
+        takes part in gathering the full weights)."""
+        if self.fsdp:
+            fsdp.save_full_output(self.method, folder, self.accelerator.is_main_process)
+        elif self.accelerator.is_main_process:
+            self.method.save_output(folder)
 
     def _restore(self, path: Path) -> None:
+        if self.fsdp or checkpoint_format(path) == SHARDED_FORMAT:
+            # a sharded checkpoint reshards to any process count, with or without FSDP; an unsharded one is read
+            # whole by every FSDP process, which keeps its shards
+            load = load_unsharded_into_sharded if checkpoint_format(path) != SHARDED_FORMAT \
+                else load_sharded_checkpoint
+            self.step = load(path, networks=self.method.networks, optimizers=self.optimizers,
+                             schedulers=self.schedulers, copies=self.method.ema_copies())
+            logger.info("resumed from %s at step %d", path, self.step)
+            return
         step, modules, _ = load_checkpoint(path, optimizers=self.optimizers, schedulers=self.schedulers)
         for name, net in self.method.networks.items():
             missing = set(trainable_state_dict(net)) - set(modules[name])
@@ -178,6 +213,12 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         """The networks' weights of another run's checkpoint (same method, same shapes), nothing else of it."""
+        if self.fsdp or checkpoint_format(path) == SHARDED_FORMAT:
+            kept = load_weights_any(path, networks=self.method.networks, copies=self.method.ema_copies())
+            for name, fresh in kept.items():
+                logger.info("%s: weights from %s%s", name, path, f", {fresh} tensors kept at their initialisation"
+                            if fresh else "")
+            return
         modules = load_checkpoint_weights(path)
         missing = [k for k in self.method.ema_copies() if k not in modules]
         if missing:
@@ -208,6 +249,8 @@ class Trainer:
             logs: dict[str, float] = {}
             handoffs: list[dict] = [{} for _ in range(accum)]  # per micro-batch: what earlier phases handed over
             for phase in method.phases(self.step):
+                if self.fsdp:
+                    fsdp.drop_stray_grads(self.params[phase])
                 for micro in range(accum):
                     iteration = self.step * accum + micro
                     ctx = self._context(phase, iteration, handoffs[micro])
@@ -215,15 +258,18 @@ class Trainer:
                     no_sync = acc.no_sync(self.wrapped[phase]) if not sync else contextlib.nullcontext()
                     with no_sync, acc.autocast():
                         out = method.loss(ctx)
-                        loss = out.loss if acc.num_processes == 1 else self._touch_every_parameter(out.loss, phase)
+                        loss = out.loss if acc.num_processes == 1 or self.fsdp \
+                            else self._touch_every_parameter(out.loss, phase)
                         # inputs=: gradients reach only this phase's network (a generator loss that flows through
-                        # the fake score must not leave gradients on the fake score)
-                        acc.backward(loss / accum, inputs=self.params[phase])
+                        # the fake score must not leave gradients on the fake score); under FSDP see
+                        # fsdp.drop_stray_grads
+                        acc.backward(loss / accum, **({} if self.fsdp else {"inputs": self.params[phase]}))
                     handoffs[micro].update(out.handoff)
                     for k, v in out.logs.items():
                         logs[k] = logs.get(k, 0.0) + float(v) / accum
                 if config.max_grad_norm:  # the norm before clipping, logged per network
-                    logs[f"grad_norm_{phase}"] = float(acc.clip_grad_norm_(self.params[phase], config.max_grad_norm))
+                    clip = (lambda p, n: fsdp.clip_grad_norm_(acc, p, n)) if self.fsdp else acc.clip_grad_norm_
+                    logs[f"grad_norm_{phase}"] = float(clip(self.params[phase], config.max_grad_norm))
                 self.optimizers[phase].step()
                 self.schedulers[phase].step()
                 self.optimizers[phase].zero_grad(set_to_none=True)
@@ -290,14 +336,18 @@ class Trainer:
     def validate(self) -> Path | None:
         from .evaluation import generate, save_grid
 
-        if not self.accelerator.is_main_process:
+        if not (self.accelerator.is_main_process or self.fsdp):
             return None
+        # under FSDP every process runs the sharded student (each forward gathers its shards: a collective); the
+        # main process writes the grid
         recipe = self.method.recipe()
         pipe = self.method.sampling_pipeline()
         prompts = self.validation_prompts()
         with self.accelerator.autocast():  # float32 trainable networks beside half-precision frozen ones
             images = generate(pipe, prompts, batch_size=len(prompts), seed=self.config.seed, progress=False,
                               height=self.resolution, width=self.resolution, **recipe.call_kwargs())
+        if not self.accelerator.is_main_process:
+            return None
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, path, nrow=min(8, len(prompts)), upscale=max(1, 128 // self.resolution))
@@ -322,10 +372,10 @@ class Trainer:
     def finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
+        if not (self.config.validation_steps and self.step % self.config.validation_steps == 0):
+            self.validate()  # first, so that the model card shows the final grid (under FSDP all processes sample)
+        self._write_output(self.output_dir)
         if acc.is_main_process:
-            if not (self.config.validation_steps and self.step % self.config.validation_steps == 0):
-                self.validate()  # first, so that the model card shows the final grid
-            self.method.save_output(self.output_dir)
             from .plots import plot_losses
 
             plot_losses(self.log_file, self.output_dir / "loss_curve.png")

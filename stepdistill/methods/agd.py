@@ -72,8 +72,14 @@ class AGD(DistillationMethod):
     name = "agd"
     config_class = AGDConfig
     needs_images = False
+
     student_name = "adapters"
     main_stream_phase = "adapters"
+
+    @classmethod
+    def fsdp_refusal(cls, config):
+        return ("AGD trains small adapters hooked onto the frozen UNet, which FSDP does not shard (nor need to); "
+                "launch it with DDP (configs/accelerate/ddp.yaml)")
 
     def phases(self, step: int) -> list[str]:
         return ["adapters"]

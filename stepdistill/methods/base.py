@@ -56,6 +56,16 @@ class DistillationMethod:
         """Whether this run needs an image dataset (a method may need images only for an optional loss)."""
         return cls.needs_images
 
+    @classmethod
+    def fsdp_refusal(cls, config) -> str | None:
+        """Why an FSDP launch cannot shard this run's networks (None: it can). FSDP shards whole trainable modules
+        (a full student, a full fake score); a LoRA's adapters live inside the frozen UNet they share."""
+        if getattr(config, "use_lora", False):
+            return ("--use_lora true: a LoRA student's adapters sit inside the shared frozen UNet, which FSDP does "
+                    "not shard; launch LoRA runs with DDP (configs/accelerate/ddp.yaml), or train the full UNet with "
+                    "--use_lora false")
+        return None
+
     def __init__(self, config, teacher: Teacher, keep=None):
         self.config = config
         self.teacher = teacher
@@ -179,11 +189,13 @@ class DistillationMethod:
         return Recipe(base_model=str(c.pretrained_model_name_or_path),
                       adapter="lora" if c.use_lora else "full_unet", **settings)
 
-    def save_output(self, output_dir: str | Path) -> None:
-        """Weights, recipe and model card, as the output kind of the recipe writes them."""
+    def save_output(self, output_dir: str | Path, module=None) -> None:
+        """Weights, recipe and model card, as the output kind of the recipe writes them. ``module``: what to write
+        in place of ``output_module()`` (under FSDP, its gathered unsharded copy)."""
         from ..outputs import save_output
 
-        save_output(self.output_module(), output_dir, self.recipe(), type(self.teacher.pipe))
+        save_output(self.output_module() if module is None else module, output_dir, self.recipe(),
+                    type(self.teacher.pipe))
 
     def output_module(self):
         """What the output kind writes: the sampling UNet (a LoRA student's UNet, a full student), or adapters."""

@@ -145,6 +145,14 @@ class DistributionMatching(DistillationMethod):
     def requires_images(cls, config) -> bool:
         return bool(config.gan)
 
+    @classmethod
+    def fsdp_refusal(cls, config):
+        if config.fake_score_lora_rank:
+            return (f"--fake_score_lora_rank {config.fake_score_lora_rank}: a LoRA fake score sits inside the shared "
+                    "frozen UNet, which FSDP does not shard; drop it for a full fake score, or launch with DDP "
+                    "(configs/accelerate/ddp.yaml)")
+        return super().fsdp_refusal(config)
+
     # ------------------------------------------------------------------ networks
     def build(self) -> None:
         c, teacher = self.config, self.teacher

@@ -305,4 +305,9 @@ def train_msd_from_argv(argv: list[str] | None = None, prog: str | None = None) 
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = parse_config(msd_config_class(_peek_method(argv)), argv, prog=prog or "train_msd.py")
+    from ..fsdp import fsdp_requested
+
+    if fsdp_requested():
+        raise StepdistillError("FSDP launch (ACCELERATE_USE_FSDP=true) of MSD: not supported (its K runs and "
+                               "router are untested under FSDP); launch it with DDP (configs/accelerate/ddp.yaml)")
     return MSDTraining(config).train()
