@@ -15,7 +15,6 @@ generator, which is the output, never sees that update."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
