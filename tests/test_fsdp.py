@@ -32,6 +32,7 @@ FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 # norms is not the norm of the whole batch), and the GAN discriminator's logs: see the module docstring
 NOT_COMPARED = {"dm_grad_norm", "loss_gan_disc", "d_real", "d_fake", "sec_per_step"}
 LOSS_RTOL = 1e-5  # DMD2, measured: at most 4.2e-6
+GRAD_NORM_RTOL = 1e-3  # logged norms before clipping, measured: at most 1.4e-4
 WEIGHT_ATOL = 5e-7  # DMD2, measured: at most 1.2e-7
 LCM_LOSS_RTOL, LCM_WEIGHT_ATOL = 1e-4, 1e-5  # measured: 1.4e-5 and 3.8e-6 (DDP without accumulation: 2.8e-6)
 
@@ -82,7 +83,10 @@ def _assert_logs_match(a, b, steps, rtol=LOSS_RTOL):
         x, y = one[step], two[step]
         assert x.keys() == y.keys(), step
         for key in sorted(set(x) - NOT_COMPARED):
-            assert abs(x[key] - y[key]) <= rtol * abs(x[key]) + 1e-9, (step, key, x[key], y[key])
+            # a gradient norm sums the whole batch's gradients: the split batch rounds it ~30x more than a loss
+            # (measured 1.4e-4 relative on DMD2's fake score at step 3)
+            tol = GRAD_NORM_RTOL if key.startswith("grad_norm_") else rtol
+            assert abs(x[key] - y[key]) <= tol * abs(x[key]) + 1e-9, (step, key, x[key], y[key])
 
 
 def _assert_weights_match(a, b, atol=WEIGHT_ATOL):
