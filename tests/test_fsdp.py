@@ -31,7 +31,7 @@ FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 # the same lines as the loss logs in logs.jsonl: dm_grad_norm is a per-process norm (the mean of two half-batch
 # norms is not the norm of the whole batch), and the GAN discriminator's logs: see the module docstring
 NOT_COMPARED = {"dm_grad_norm", "loss_gan_disc", "d_real", "d_fake", "sec_per_step"}
-LOSS_RTOL = 1e-5  # DMD2, measured: at most 4.2e-6
+LOSS_RTOL = 5e-5  # DMD2, measured: at most 4.2e-6 here, 1.1e-5 on CI's machine (a resume across formats)
 GRAD_NORM_RTOL = 1e-3  # logged norms before clipping, measured: at most 1.4e-4
 WEIGHT_ATOL = 5e-7  # DMD2, measured: at most 1.2e-7
 LCM_LOSS_RTOL, LCM_WEIGHT_ATOL = 1e-4, 1e-5  # measured: 1.4e-5 and 3.8e-6 (DDP without accumulation: 2.8e-6)
