@@ -30,6 +30,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_PATTERN.match(p.name).group(1)))
 
 
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders of saves that never finished (a process killed while writing a checkpoint):
+    called when a run starts, when no save of its own is under way. Returns what it deleted."""
+    stale = sorted(Path(output_dir).glob(".checkpoint-*.tmp-*")) if Path(output_dir).is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():

@@ -15,8 +15,8 @@ import torch
 
 from . import fsdp
 from .checkpoint import (SHARDED_FORMAT, checkpoint_format, load_checkpoint, load_checkpoint_weights,
-                         load_sharded_checkpoint, load_unsharded_into_sharded, load_weights_any, resolve_checkpoint,
-                         save_checkpoint, save_sharded_checkpoint)
+                         load_sharded_checkpoint, load_unsharded_into_sharded, load_weights_any,
+                         remove_stale_temporaries, resolve_checkpoint, save_checkpoint, save_sharded_checkpoint)
 from .data import build_dataset, serve
 from .errors import StepdistillError
 from .methods.base import PhaseContext
@@ -114,6 +114,9 @@ class Trainer:
         elif config.init_from_checkpoint:
             self._init_from(Path(config.init_from_checkpoint))
         self._trim_log()
+        if acc.is_main_process:
+            for path in remove_stale_temporaries(self.output_dir):
+                logger.info("removed %s: a checkpoint save that never finished", path)
         if config.report_to and acc.is_main_process:
             acc.init_trackers(config.tracker_project_name or f"stepdistill-{method_cls.name}",
                               config={k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))})
