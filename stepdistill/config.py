@@ -377,10 +377,12 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
         names = {f.name: f for f in fields(config_class)}
         for key, value in loaded.items():
             if key not in names:
-                close = [n for n in names if n.startswith(str(key)[:4])][:3]
+                import difflib
+
+                close = difflib.get_close_matches(str(key), list(names), n=3, cutoff=0.6)
                 hint = f"did you mean {', '.join(close)}? " if close else ""
                 raise StepdistillError(f"{config_path}: unknown option {key!r} for {config_class.__name__}; {hint}"
-                                       "remove it (the options are those of --help, without the dashes)")
+                                       "remove or rename it (the options are those of --help, without the dashes)")
             tp = _field_type(names[key], config_class)
             try:
                 values[key] = value if value is None else _yaml_parser(tp)(value)
