@@ -18,9 +18,17 @@ from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
 
 
-def check_output_dir(path: str, option: str = "--output_dir") -> None:
-    """``path`` exists or can be made, and takes a file: found now, not when the first output is written."""
+def check_output_dir(path: str, option: str = "--output_dir", create: bool = True) -> None:
+    """``path`` exists or can be made, and takes a file: found now, not when the first output is written. With
+    ``create=False`` nothing is made: the nearest existing folder on the path must be a writable directory."""
     out = Path(path)
+    if not create:
+        existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "Not a directory" if not existing.is_dir() else "Permission denied"
+            raise StepdistillError(f"{option} {path} is not writable ({why}: {existing}); pass a directory you can "
+                                   "write to")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

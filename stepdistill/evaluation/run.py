@@ -223,7 +223,7 @@ def run_eval(args) -> dict:
                                "be resumed safely; use an empty directory")
     from ..preflight import check_output_dir
 
-    check_output_dir(str(output_dir))
+    check_output_dir(str(output_dir), create=False)  # a refused run leaves no folder behind
 
     shard = Shard()  # after the input checks: a typo fails every process alike before any rendezvous
     if not {"fid", "kid"} & set(args.metrics) and (args.reference_dir or args.reference_stats) and shard.is_main:
