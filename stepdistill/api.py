@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import StepdistillError
+from .errors import StepdistillError, report, split_debug
 
 def _method_class(method):
     from .methods import get_method
@@ -57,10 +57,10 @@ def train(method: str, config: str | Path | None = None, output_dir: str | Path 
 
 def main(method, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``train_scripts/train_<method>.py`` and ``stepdistill train METHOD``: parse, train, write.
-    Bad input is one line on stderr (``error: ...``) and exit status 2."""
+    Bad input is one line on stderr (``error: ...``) and exit status 2; ``--debug`` adds its traceback."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
     try:
         train_from_argv(method, argv, prog)
     except StepdistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, "error: ", debug)
     return 0

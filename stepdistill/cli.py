@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import StepdistillError
+from .errors import DEBUG_FLAG, StepdistillError, report, split_debug
 
 
 def _toy_build(args) -> None:
@@ -37,8 +37,12 @@ def _toy_quality(args) -> None:
         from .recipe import Recipe
 
         Recipe.load(args.student)  # a clear error before any sampling
-    steps = [int(s) for s in (args.steps or ("25" if args.student else "25,8,4,2")).split(",")]
-    scales = [float(w) for w in str(args.guidance_scale).split(",")]
+    steps = _numbers("--steps", args.steps or ("25" if args.student else "25,8,4,2"), int, "25,8,4,2")
+    scales = _numbers("--guidance_scale", args.guidance_scale, float, "2,3,5")
+    if args.student:
+        _numbers("--student_steps", args.student_steps, int, "1,2,4")
+        if args.student_guidance:
+            _numbers("--student_guidance", args.student_guidance, float, "2,3,5")
     result = None
     for w in scales:  # the teacher at each guidance scale (CFG)
         part = quality_table(args.model, num_images=args.num_images, steps=steps, guidance_scale=w,
@@ -70,6 +74,19 @@ def _toy_quality(args) -> None:
     print(format_table(result))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2))
+
+
+def _numbers(flag: str, text, kind: type, example: str) -> list:
+    """A comma-separated list of numbers of a ``stepdistill toy quality`` option, or one line naming it."""
+    try:
+        values = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    least = 1 if kind is int else 0  # step counts from 1; guidance scales from 0 (unconditional)
+    if not values or any(v < least for v in values):
+        noun = "integers >= 1" if kind is int else "numbers >= 0"
+        raise StepdistillError(f"{flag} {text}: expected comma-separated {noun}, e.g. {example}")
+    return values
 
 
 def torch_cat(items):
@@ -121,10 +138,20 @@ def train_command(argv: list[str]) -> int:
     return train_main(argv[0], argv[1:], prog=f"stepdistill train {argv[0]}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad command line is one StepdistillError line naming the argument and the help to read, not a usage dump
+    (its subcommands' parsers are of this class too: argparse makes them with the parent's class)."""
+
+    def error(self, message: str):
+        raise StepdistillError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toy import WORLD_DIR
 
-    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    parser = OneLineParser(prog="stepdistill", description=__doc__)
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on bad input, also print the traceback (any command; may follow the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
     # listed here for --help; main() hands `train ...` to train_command before this parser sees it
     sub.add_parser("train", add_help=False, usage=TRAIN_USAGE,
@@ -179,16 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Bad input, from the command line on, is one line on stderr (``stepdistill: error: ...``) and exit status 2;
+    ``--debug`` anywhere on the command line adds the traceback."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
     if argv[:1] == ["train"]:  # the method's own parser takes the rest (and its --help)
-        return train_command(argv[1:])
+        return train_command(argv[1:] + ([DEBUG_FLAG] if debug else []))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except StepdistillError as e:
-        print(f"stepdistill: error: {e}", file=sys.stderr)
-        return 2
+        return report(e, "stepdistill: error: ", debug)
     return 0
 
 

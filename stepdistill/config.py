@@ -289,6 +289,8 @@ def check_choices(config) -> None:
 def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog=prog, description=(config_class.__doc__ or "").strip())
     parser.add_argument("--config", default=None, help="YAML file of options (the command line wins)")
+    # read by the entry points (api.main), which take it off the command line; listed here for --help
+    parser.add_argument("--debug", action="store_true", help="on bad input, also print the traceback")
     for f in fields(config_class):
         tp = _field_type(f, config_class)
         # argparse %-formats help texts: a literal "10 %" must be "10 %%"
@@ -307,6 +309,28 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
+
+
+def _yaml_parser(tp):
+    """The converter of a YAML value for an option of annotation ``tp``: as the command line's, but numbers must be
+    numbers (YAML gives ``2.5`` for an int option or a list for a number: errors, never truncated or repr'd)."""
+    parse = _scalar_parser(tp)
+    if parse in (int, float, str):
+        return _ELEMENT_PARSERS[parse]
+    return parse
+
+
+def _example(key: str, f: dataclasses.Field, tp) -> str:
+    """What a YAML line of this option looks like, for error messages: ``learning_rate: 0.0001``."""
+    parse = _scalar_parser(tp)
+    kind = {int: "an integer", float: "a number", str: "a string", _parse_bool: "true or false"}.get(parse)
+    if isinstance(parse, ListOf) or parse is _parse_list:
+        kind = "a list"
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if value is None or value == []:
+        return f"{kind or 'a value'}"
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return f"{kind or 'a value'}, e.g. {key}: {shown}"
 
 
 def options_to_argv(options: dict[str, Any]) -> list[str]:
@@ -341,6 +365,7 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
     parser = build_parser(config_class, prog)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config")
+    args.pop("debug", None)
     values: dict[str, Any] = {}
     if config_path:
         path = Path(config_path)
@@ -352,14 +377,18 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
         names = {f.name: f for f in fields(config_class)}
         for key, value in loaded.items():
             if key not in names:
-                close = [n for n in names if n.startswith(str(key)[:4])][:3]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise StepdistillError(f"{config_path}: unknown option {key!r} for {config_class.__name__}{hint}")
-            parse = _scalar_parser(_field_type(names[key], config_class))
+                import difflib
+
+                close = difflib.get_close_matches(str(key), list(names), n=3, cutoff=0.6)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise StepdistillError(f"{config_path}: unknown option {key!r} for {config_class.__name__}; {hint}"
+                                       "remove or rename it (the options are those of --help, without the dashes)")
+            tp = _field_type(names[key], config_class)
             try:
-                values[key] = value if value is None else parse(value)
-            except (ValueError, argparse.ArgumentTypeError) as e:
-                raise StepdistillError(f"{config_path}: option {key!r}: {e}") from e
+                values[key] = value if value is None else _yaml_parser(tp)(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise StepdistillError(f"{config_path}: option {key!r}: {e}; write {_example(key, names[key], tp)}"
+                                       ) from None
     values.update(args)
     config = config_class(**values)
     check_choices(config)

@@ -52,6 +52,11 @@ def load_image(source: Any, resolution: int) -> torch.Tensor:
     return arr.permute(2, 0, 1).contiguous()
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class Sample:
     caption: str
@@ -83,6 +88,7 @@ class ImageCaptionDataset(SkipsBadImages):
         self.samples, self.resolution, self.max_bad = samples, resolution, max_bad
         self.captions = captions if captions is not None else [s.caption for s in samples]
         self.bad: set[int] = set()
+        self.source = ""  # the option that named the data, e.g. "--train_data_dir DIR", for error messages
         self.has_images = getattr(samples, "has_images", None) or bool(samples) and samples[0].image is not None
 
     def __len__(self) -> int:
@@ -100,13 +106,25 @@ class ImageCaptionDataset(SkipsBadImages):
 
         if not isinstance(self.samples, list):
             return  # rows of a dataset: decoded (and checked) when served
-        for i, s in enumerate(self.samples):
-            if isinstance(s.image, (str, Path)):
-                try:
-                    with Image.open(s.image) as img:
-                        img.verify()
-                except Exception as e:  # PIL raises many types for broken files
-                    self._mark_bad(i, f"{s.image}: {e}")
+        files = [(i, s.image) for i, s in enumerate(self.samples) if isinstance(s.image, (str, Path))]
+        broken = []
+        for i, image in files:
+            try:
+                with Image.open(image) as img:
+                    img.verify()
+            except Exception as e:  # PIL raises many types for broken files
+                broken.append((i, f"{image}: {_first_line(e)}"))
+        # the run is refused before anything is logged (one line), or the few broken files are skipped with a warning
+        source = self.source or "the training data"
+        if broken and len(broken) == len(self.samples):
+            raise StepdistillError(f"{source}: none of its {len(broken)} images can be read (first: {broken[0][1]}); "
+                                   "fix or replace the image files")
+        if len(broken) > self.max_bad:
+            raise StepdistillError(f"{source}: {len(broken)} of {len(self.samples)} images cannot be read, more than "
+                                   f"--max_bad_images {self.max_bad} (first: {broken[0][1]}); fix or remove them, or "
+                                   "raise --max_bad_images")
+        for i, why in broken:
+            self._mark_bad(i, why)
 
     def get(self, index: int) -> tuple[torch.Tensor | None, str]:
         n = len(self.samples)
@@ -294,6 +312,7 @@ def build_dataset(config, resolution: int, need_images: bool, keep=None):
         samples = samples.select(chosen) if isinstance(samples, HFRows) else [samples[i] for i in chosen]
         captions = [captions[i] for i in chosen]
     dataset = ImageCaptionDataset(samples, resolution, max_bad, captions)
+    dataset.source = f"--{kind} {value}"
     if dataset.has_images:
         dataset.check_images()
     return dataset

@@ -18,16 +18,25 @@ from .precision import check_precision, check_vae, check_variant
 from .teacher import check_pipeline, pipeline_file
 
 
-def _check_output_dir(path: str) -> None:
+def check_output_dir(path: str, option: str = "--output_dir", create: bool = True) -> None:
+    """``path`` exists or can be made, and takes a file: found now, not when the first output is written. With
+    ``create=False`` nothing is made: the nearest existing folder on the path must be a writable directory."""
     out = Path(path)
+    if not create:
+        existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "Not a directory" if not existing.is_dir() else "Permission denied"
+            raise StepdistillError(f"{option} {path} is not writable ({why}: {existing}); pass a directory you can "
+                                   "write to")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise StepdistillError(f"--output_dir {path} is not writable ({e.strerror}); pass a directory you can "
-                               "write to") from e
+        raise StepdistillError(f"{option} {path} is not writable ({e.strerror}); pass a directory you can "
+                               "write to") from None
 
 
 def preflight(config, method_cls) -> None:
@@ -47,8 +56,9 @@ def preflight(config, method_cls) -> None:
         raise StepdistillError(f"--save_output_steps {bad}: steps must lie in 1..--max_train_steps "
                                f"({config.max_train_steps})")
     check_lr_schedule(config)
+    check_lora(config)
     data_source(config, method_cls.requires_images(config))
-    _check_output_dir(config.output_dir)
+    check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
     check_init_checkpoint(getattr(config, "init_from_checkpoint", None), method_cls.name)
     check_resolution(config)
@@ -56,6 +66,19 @@ def preflight(config, method_cls) -> None:
                                         getattr(config, "cache_dir", None)))
     check_variant(config)
     check_outputs(config, method_cls)
+
+
+def check_lora(config) -> None:
+    """A LoRA student's rank and alpha (PEFT takes a rank of 0 only to fail with a traceback, and an alpha of 0
+    trains an adapter whose scale is 0)."""
+    if not getattr(config, "use_lora", False):
+        return
+    if config.lora_rank < 1:
+        raise StepdistillError(f"--lora_rank {config.lora_rank}: a LoRA needs rank >= 1 (e.g. 64, LCM-LoRA's); "
+                               "for no LoRA pass --use_lora false")
+    if config.lora_alpha is not None and config.lora_alpha <= 0:
+        raise StepdistillError(f"--lora_alpha {config.lora_alpha:g}: must be > 0 (the adapter's scale is "
+                               "alpha/rank); drop it for alpha = rank")
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -135,16 +158,25 @@ def check_resolution(config) -> int:
     """The training resolution, checked against the VAE and UNet configs before any weights load."""
     model = str(config.pretrained_model_name_or_path)
     cache_dir = getattr(config, "cache_dir", None)
-    vae = _component_config(model, "vae", config.revision, cache_dir)
-    unet = _component_config(model, "unet", config.revision, cache_dir)
+    config.resolution = model_resolution(model, config.resolution, config.revision, cache_dir)
+    return config.resolution
+
+
+def model_resolution(model: str, resolution: int | None, revision=None, cache_dir=None) -> int:
+    """``resolution`` (default: the model's own), checked against the VAE and UNet configs of ``model`` before any
+    weights load: training and ``stepdistill eval`` alike."""
+    vae = _component_config(model, "vae", revision, cache_dir)
+    unet = _component_config(model, "unet", revision, cache_dir)
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    resolution = config.resolution or int(unet["sample_size"]) * vae_factor
+    resolution = resolution or int(unet["sample_size"]) * vae_factor
     # the VAE downsamples by its factor, the UNet halves the latent once per down block after the first, and the
     # stock SD/SDXL pipelines insist on multiples of 8
     factor = math.lcm(8, vae_factor * 2 ** (len(unet["block_out_channels"]) - 1))
+    if resolution < 1:
+        raise StepdistillError(f"--resolution {resolution}: must be a positive multiple of {factor}, e.g. "
+                               f"{int(unet['sample_size']) * vae_factor} (the model's own)")
     if resolution % factor:
         raise StepdistillError(f"--resolution {resolution} is not divisible by {factor} (VAE factor {vae_factor} "
                                f"x UNet downsampling, and the pipelines' 8); use a multiple of {factor}, e.g. "
                                f"{max(factor, resolution // factor * factor)}")
-    config.resolution = resolution
     return resolution

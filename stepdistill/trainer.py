@@ -47,6 +47,12 @@ class Trainer:
         from accelerate.utils import ProjectConfiguration
 
         preflight(config, method_cls)
+        self.resolution = config.resolution  # set and checked by preflight
+        self.keep = keep
+        # opened (columns, first sample, image headers) before any weights load, and before the accelerator logs
+        # anything, so bad data is one line; streamed sources are not read
+        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
+                                     keep=keep)
         self.config = config
         self.method_cls = method_cls
         from accelerate.state import AcceleratorState
@@ -73,11 +79,6 @@ class Trainer:
             enable_tf32()
         # mixed precision (stepdistill/precision.py): the frozen networks in fp16/bf16, trainable ones in float32
         self.weight_dtype = weight_dtype(acc.mixed_precision)
-        self.resolution = config.resolution  # set and checked by preflight
-        self.keep = keep
-        # opened (columns, first sample, image headers) before any weights load; streamed sources are not read
-        self.dataset = build_dataset(config, self.resolution, need_images=method_cls.requires_images(config),
-                                     keep=keep)
         self.teacher = Teacher.for_config(config, self.weight_dtype, acc.device)
         torch.manual_seed(config.seed)
         self.method = method_cls(config, self.teacher, keep=keep)

@@ -192,7 +192,7 @@ def test_unreadable_images_are_skipped_or_refused(tiny_sd_path, digits_dir, tmp_
     for i in range(2, 6):
         (data / f"{i:04d}.png").write_bytes(b"broken")
     assert run("lcm", train_args(tiny_sd_path, data, tmp_path / "b", max_bad_images=3)) == 2
-    assert "more than 3 unreadable images" in capsys.readouterr().err
+    assert "more than --max_bad_images 3" in capsys.readouterr().err
 
 
 def test_resume_from_another_methods_run(tiny_sd_path, digits_dir, tmp_path, capsys):

@@ -60,7 +60,7 @@ def check_image_files(paths: Sequence[Path], preprocess: str, name: str) -> list
             with Image.open(p) as im:  # reads the header only
                 sizes.setdefault(im.size, p)
         except (UnidentifiedImageError, OSError) as e:
-            raise StepdistillError(f"{name}: cannot read {p.name} as an image ({e})") from e
+            raise StepdistillError(f"{name}: cannot read {p.name} as an image ({e}); remove or replace it") from None
     if len(sizes) > 1 and preprocess == "none":
         (s1, p1), (s2, p2) = list(sizes.items())[:2]
         raise StepdistillError(f"{name}: images of mixed sizes ({p1.name} is {s1[0]}x{s1[1]}, "

@@ -136,6 +136,45 @@ def _score(args, output_dir: Path, prompts: list[str], batches: list[range], sco
     return result
 
 
+def _lora_context_width(weights: Path) -> int | None:
+    """The text-embedding width a LoRA's cross-attention key projections take (read from the file's header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        widths = {f.get_slice(k).get_shape()[1] for k in f.keys() if ".attn2.to_k." in k and "lora_A" in k}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def check_student_fits(student: str, recipe: Recipe, base_model: str) -> None:
+    """A student and the base pipeline it is applied to (``--pretrained_model_name_or_path``, in place of the
+    recipe's base model) are of one family and text width: an SDXL LoRA does not go into an SD 1.5 pipeline.
+    Configs and the LoRA file's header only; nothing loads."""
+    import json
+
+    from ..export import _FAMILY_NAMES, base_model_family
+    from ..lora import LORA_WEIGHTS_NAME
+    from ..preflight import _component_config
+
+    fix = (f"pass a base model of the student's family, or drop --pretrained_model_name_or_path to use its own "
+           f"({recipe.base_model})")
+    want, have = base_model_family(recipe.base_model), base_model_family(base_model)
+    if want and have and want != have:
+        raise StepdistillError(f"--student {student} was trained on an {_FAMILY_NAMES[want]} model, but "
+                               f"--pretrained_model_name_or_path {base_model} is an {_FAMILY_NAMES[have]} pipeline; "
+                               f"{fix}")
+    weights = Path(student) / LORA_WEIGHTS_NAME
+    if recipe.adapter != "lora" or not weights.is_file():
+        return
+    try:
+        width = _lora_context_width(weights)
+        unet_width = _component_config(base_model, "unet").get("cross_attention_dim")
+    except (OSError, json.JSONDecodeError, StepdistillError):
+        return  # unreadable here: loading says what is wrong
+    if width is not None and isinstance(unet_width, int) and width != unet_width:
+        raise StepdistillError(f"--student {student}: its LoRA takes text embeddings of width {width}, the UNet of "
+                               f"--pretrained_model_name_or_path {base_model} gives {unet_width}; {fix}")
+
+
 def run_eval(args) -> dict:
     """Generate (or resume) the images, score them and write ``metrics.json``; returns its content (on every process
     of a sharded run)."""
@@ -171,16 +210,26 @@ def run_eval(args) -> dict:
     prompts = [prompts_all[i % len(prompts_all)] for i in range(num_images)]
     args.num_images = num_images  # resolved, for the metrics' own checks (e.g. KID's subset size)
 
-    shard = Shard()  # after the input checks: a typo fails every process alike before any rendezvous
-    if not {"fid", "kid"} & set(args.metrics) and (args.reference_dir or args.reference_stats) and shard.is_main:
-        logger.warning("a FID/KID reference was given but --metrics has neither fid nor kid; it is ignored")
-    scorers = {spec.name: spec.factory(args, base_model, shard.device(device)) for spec in specs}
+    if args.resolution is not None:  # checked against the VAE and UNet configs, not found at the first call
+        from ..preflight import model_resolution
 
+        model_resolution(base_model, args.resolution)
+    if recipe is not None and args.pretrained_model_name_or_path:
+        check_student_fits(args.student, recipe, base_model)
     output_dir = Path(args.output_dir)
     previous = read_generation(output_dir)
     if previous is None and (output_dir / IMAGES_DIR).is_dir() and any((output_dir / IMAGES_DIR).glob("*.png")):
         raise StepdistillError(f"--output_dir {output_dir}: holds images but no {GENERATION_NAME}, so they cannot "
                                "be resumed safely; use an empty directory")
+    from ..preflight import check_output_dir
+
+    check_output_dir(str(output_dir), create=False)  # a refused run leaves no folder behind
+
+    shard = Shard()  # after the input checks: a typo fails every process alike before any rendezvous
+    if not {"fid", "kid"} & set(args.metrics) and (args.reference_dir or args.reference_stats) and shard.is_main:
+        logger.warning("a FID/KID reference was given but --metrics has neither fid nor kid; it is ignored")
+    # the metrics check their own inputs (references, CLIP model) before loading their networks
+    scorers = {spec.name: spec.factory(args, base_model, shard.device(device)) for spec in specs}
 
     pipe, call_kwargs = prepare_pipeline(args, base_model, recipe, settings, shard.device(device))
     fp = fingerprint(args, base_model, Path(base_model).exists(), pipe, call_kwargs, prompt_info["sha256"])
