@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import StepdistillError
+from .errors import Preempted, StepdistillError, TrainingStopped
 
 def _method_class(method):
     from .methods import get_method
@@ -57,10 +57,18 @@ def train(method: str, config: str | Path | None = None, output_dir: str | Path 
 
 def main(method, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``train_scripts/train_<method>.py`` and ``stepdistill train METHOD``: parse, train, write.
-    Bad input is one line on stderr (``error: ...``) and exit status 2."""
+    Bad input is one line on stderr (``error: ...``) and exit status 2; a run stopped by a NaN/inf loss or a full
+    disk, one line and exit status 1 (its last complete checkpoint kept); a run stopped by SIGTERM after saving a
+    checkpoint of its step, exit status 0 (the output is not written: resume with ``--resume_from_checkpoint
+    latest``)."""
     try:
         train_from_argv(method, argv, prog)
     except StepdistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted:
+        return Preempted.exit_code  # the trainer logged the checkpoint and how to resume
     return 0
