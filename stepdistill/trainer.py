@@ -323,9 +323,12 @@ class Trainer:
         saves a checkpoint of the current step at the next step boundary and raises Preempted instead; a NaN/inf
         loss or a failed save raises TrainingStopped (see ``--on_nan``)."""
         previous = self._catch_sigterm()
+        self._bar = None
         try:
             return self._train()
         finally:
+            if self._bar is not None:
+                self._bar.close()  # ends its line before an error's message
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
@@ -383,8 +386,8 @@ class Trainer:
 
         acc, config, method = self.accelerator, self.config, self.method
         accum = config.gradient_accumulation_steps
-        bar = tqdm(total=config.max_train_steps, initial=self.step, desc=method.name,
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = self._bar = tqdm(total=config.max_train_steps, initial=self.step, desc=method.name,
+                               disable=not acc.is_main_process, dynamic_ncols=True)
         last = time.time()
         stop = False  # SIGTERM on some process, as agreed by all at the last check
         while self.step < config.max_train_steps:
