@@ -222,9 +222,14 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, method: str, n
     # a failed write on any process raises on every process (DCP gathers the errors)
     try:
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
-    except BaseException:
+    except BaseException as e:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        # DCP's CheckpointException holds each failed process's error: a full disk raises that OSError (on every
+        # process alike), so that the trainer names the cause
+        failed = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, OSError)]
+        if failed:
+            raise failed[0] from e
         raise
     barrier()
     if is_main:

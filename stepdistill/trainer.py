@@ -180,7 +180,7 @@ class Trainer:
         elif failure.errno in (errno.ENOSPC, errno.EDQUOT):
             cause = f"the disk is full ({failure.strerror or 'no space left on device'})"
         else:
-            cause = f"{failure.strerror or failure} ({type(failure).__name__}{f' errno {failure.errno}' if failure.errno else ''})"
+            cause = f"{type(failure).__name__}: {failure}"
         kept = list_checkpoints(self.output_dir)
         if kept:
             keep = f"{kept[-1].name} is the last complete checkpoint, kept"
