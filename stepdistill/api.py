@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import StepdistillError, report, split_debug
+from .errors import Preempted, StepdistillError, TrainingStopped, report, split_debug
 
 def _method_class(method):
     from .methods import get_method
@@ -57,10 +57,20 @@ def train(method: str, config: str | Path | None = None, output_dir: str | Path 
 
 def main(method, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``train_scripts/train_<method>.py`` and ``stepdistill train METHOD``: parse, train, write.
-    Bad input is one line on stderr (``error: ...``) and exit status 2; ``--debug`` adds its traceback."""
+    Bad input is one line on stderr (``error: ...``) and exit status 2; ``--debug`` adds its traceback. A run stopped
+    by a NaN/inf loss or a full disk: one line and exit status 1 (its last complete checkpoint kept). A run stopped by
+    SIGTERM after saving a checkpoint of its step: exit status 0 (the output is not written: resume with
+    ``--resume_from_checkpoint latest``)."""
     argv, debug = split_debug(sys.argv[1:] if argv is None else list(argv))
     try:
         train_from_argv(method, argv, prog)
     except StepdistillError as e:
         return report(e, "error: ", debug)
+    except TrainingStopped as e:
+        if debug:
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted:
+        return Preempted.exit_code  # the trainer logged the checkpoint and how to resume
     return 0

@@ -66,22 +66,26 @@ def save_checkpoint(output_dir: str | Path, step: int, *, method: str, modules: 
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"method": method, "step": step, "optimizers": {}, "schedulers": {},
-                            "extra": extra or {}}
-    for name, tensors in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    for name, opt in optimizers.items():
-        tensors, opt_meta = _split_optimizer_state(opt.state_dict())
-        save_file(tensors, tmp / f"optimizer-{name}.safetensors")
-        meta["optimizers"][name] = opt_meta
-    for name, sched in schedulers.items():
-        meta["schedulers"][name] = sched.state_dict()  # LambdaLR keeps None for plain functions: JSON-safe
-    meta["modules"] = sorted(modules)
-    (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        meta: dict[str, Any] = {"method": method, "step": step, "optimizers": {}, "schedulers": {},
+                                "extra": extra or {}}
+        for name, tensors in modules.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+        for name, opt in optimizers.items():
+            tensors, opt_meta = _split_optimizer_state(opt.state_dict())
+            save_file(tensors, tmp / f"optimizer-{name}.safetensors")
+            meta["optimizers"][name] = opt_meta
+        for name, sched in schedulers.items():
+            meta["schedulers"][name] = sched.state_dict()  # LambdaLR keeps None for plain functions: JSON-safe
+        meta["modules"] = sorted(modules)
+        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # a full disk, an interrupt: no half-written temporary stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -223,8 +227,19 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, method: str, n
     state = {"model": {n: _trainable_state(net) for n, net in networks.items()},
              "optimizer": {n: _optimizer_state(net, _inner(optimizers[n])) for n, net in networks.items()},
              "copies": {n: _module_state(m) for n, m in copies.items()}}
-    # every file is fsynced by the writer (FileSystemWriter sync_files=True) before save returns on any process
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
+    # every file is fsynced by the writer (FileSystemWriter sync_files=True) before save returns on any process;
+    # a failed write on any process raises on every process (DCP gathers the errors)
+    try:
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
+    except BaseException as e:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # DCP's CheckpointException holds each failed process's error: a full disk raises that OSError (on every
+        # process alike), so that the trainer names the cause
+        failed = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, OSError)]
+        if failed:
+            raise failed[0] from e
+        raise
     barrier()
     if is_main:
         meta: dict[str, Any] = {
@@ -233,9 +248,13 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, method: str, n
             "optimizers": {n: {"param_groups": _param_groups(net, _inner(optimizers[n]))}
                            for n, net in networks.items()},
             "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "extra": {}}
-        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
-        with open(tmp / STATE_NAME, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
+            with open(tmp / STATE_NAME, "rb") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -121,6 +121,12 @@ class TrainConfig:
                                                     "official ckpt_only_path); networks the checkpoint lacks (a new "
                                                     "GAN head) keep their initialisation; a checkpoint of this run "
                                                     "to resume wins")
+    on_nan: str = option("stop", "a NaN or inf in any loss term: stop (exit status 1, naming the step and the term; "
+                                 "nothing of the poisoned step is saved, the last checkpoint stays) or skip (that "
+                                 "network's update is dropped: no optimizer, schedule or EMA step; counted as "
+                                 "nan_skips in logs.jsonl)", choices=("stop", "skip"))
+    max_nan_skips: int = option(10, "--on_nan skip: more than this many skipped updates in one run (since its start "
+                                    "or resume) stop it as --on_nan stop does")
     report_to: str | None = option(None, "send scalars, gradient norms and validation grids to a tracker: "
                                          "tensorboard (written under output_dir), wandb, or all (both)",
                                    choices=(None, "tensorboard", "wandb", "all"))

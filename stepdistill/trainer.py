@@ -5,20 +5,26 @@ bar with the losses, JSONL and tracker logging, validation grids, and the final 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from . import fsdp
-from .checkpoint import (SHARDED_FORMAT, checkpoint_format, load_checkpoint, load_checkpoint_weights,
-                         load_sharded_checkpoint, load_unsharded_into_sharded, load_weights_any,
-                         remove_stale_temporaries, resolve_checkpoint, save_checkpoint, save_sharded_checkpoint)
+from .checkpoint import (SHARDED_FORMAT, checkpoint_format, list_checkpoints, load_checkpoint,
+                         load_checkpoint_weights, load_sharded_checkpoint, load_unsharded_into_sharded,
+                         load_weights_any, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint)
 from .data import build_dataset, serve
-from .errors import StepdistillError
+from .errors import Preempted, StepdistillError, TrainingStopped
 from .methods.base import PhaseContext
 from .lora import trainable_state_dict
 from .precision import enable_tf32, keep_trainable_in_float32, optimizer_class, weight_dtype
@@ -108,10 +114,14 @@ class Trainer:
         if self.fsdp:
             fsdp.shard_copies(acc, self.method.ema_copies())
         self.step = 0
+        self.saved_step = None  # the step of the checkpoint on disk that this run wrote or resumed from
+        self.nan_skips = 0  # updates dropped by --on_nan skip in this run
+        self._sigterm = False  # set by the SIGTERM handler; acted on at the next step boundary
         self.log_file = self.output_dir / "logs.jsonl"
         resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
         if resume is not None:
             self._restore(resume)
+            self.saved_step = self.step
         elif config.init_from_checkpoint:
             self._init_from(Path(config.init_from_checkpoint))
         self._trim_log()
@@ -151,8 +161,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
+        """Write checkpoint-STEP (atomically: a temporary folder renamed into place). A full disk or another
+        write error removes the temporary, keeps the previous checkpoints and stops the run on every process
+        (TrainingStopped: one line naming the kept checkpoint and how to resume)."""
+        if self.saved_step == self.step:  # already on disk (saved or resumed at this step)
+            return
         acc = self.accelerator
         acc.wait_for_everyone()
+        failure = None
+        try:
+            self._write_checkpoint()
+        except OSError as e:  # under FSDP DCP raises on every process; without it, the main process alone writes
+            failure = e
+        if self._any_process(failure is not None):
+            raise TrainingStopped(self._write_failure(f"checkpoint-{self.step}", failure))
+        self.saved_step = self.step
+        acc.wait_for_everyone()
+
+    def _write_failure(self, what: str, failure: OSError | None) -> str:
+        """The one-line message of a failed write: the cause (a full disk said so), what is kept, how to go on."""
+        if failure is None:
+            cause = "another process failed to write it"
+        elif failure.errno in (errno.ENOSPC, errno.EDQUOT):
+            cause = f"the disk is full ({failure.strerror or 'no space left on device'})"
+        else:
+            cause = f"{type(failure).__name__}: {failure}"
+        kept = list_checkpoints(self.output_dir)
+        if kept:
+            keep = f"{kept[-1].name} is the last complete checkpoint, kept"
+            fix = "free space (or fix the cause), then run again with --resume_from_checkpoint latest"
+        else:
+            keep = "there is no complete checkpoint yet"
+            fix = "free space (or fix the cause), then start the run again"
+        return (f"could not write {what} in {self.output_dir} at step {self.step}: {cause}; nothing of it was kept; "
+                f"{keep}; {fix}")
+
+    def _write_checkpoint(self) -> None:
+        acc = self.accelerator
         if self.fsdp:  # every process writes its shards
             path = save_sharded_checkpoint(
                 self.output_dir, self.step, method=self.method_cls.name, networks=self.method.networks,
@@ -167,20 +212,24 @@ class Trainer:
                                    optimizers=self.optimizers, schedulers=self.schedulers,
                                    total_limit=self.config.checkpoints_total_limit)
             logger.info("saved %s", path)
-        acc.wait_for_everyone()
 
     def _save_snapshot(self) -> None:
         """The complete output as it stands (``snapshots/step-N``), written atomically: a folder that exists is
         whole."""
         import shutil
 
-        if not (self.accelerator.is_main_process or self.fsdp):
-            return
         final = self.output_dir / "snapshots" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._write_output(tmp)
+        failure = None
+        try:
+            self._write_output(tmp)
+        except OSError as e:
+            failure = e
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self._any_process(failure is not None):
+            raise TrainingStopped(self._write_failure(f"the output snapshot {final.name}", failure))
         if self.accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -193,6 +242,39 @@ class Trainer:
             fsdp.save_full_output(self.method, folder, self.accelerator.is_main_process)
         elif self.accelerator.is_main_process:
             self.method.save_output(folder)
+
+    def _write_final_output(self) -> None:
+        """The output files in output_dir, all or none: written into a temporary folder there (the model card finds
+        samples/ through a link), then moved into place entry by entry. A failed write (a full disk) removes the
+        temporary, writes nothing of the output and stops the run on every process (TrainingStopped); the
+        checkpoint of the last step stays, and resuming from it writes the output."""
+        acc = self.accelerator
+        tmp = self.output_dir / ".output.tmp"  # one name for every process (under FSDP all take part)
+        failure = None
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                samples = self.output_dir / "samples"
+                if samples.is_dir():
+                    (tmp / "samples").symlink_to(samples.resolve(), target_is_directory=True)
+            self._write_output(tmp)
+        except OSError as e:
+            failure = e
+        if acc.is_main_process:
+            if (tmp / "samples").is_symlink():
+                (tmp / "samples").unlink()
+            if failure is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self._any_process(failure is not None):
+            raise TrainingStopped(self._write_failure("the output", failure))
+        if acc.is_main_process:
+            for entry in sorted(tmp.iterdir()):
+                dest = self.output_dir / entry.name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                os.replace(entry, dest)
+            tmp.rmdir()
 
     def _restore(self, path: Path) -> None:
         if self.fsdp or checkpoint_format(path) == SHARDED_FORMAT:
@@ -242,19 +324,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
+        """Train to ``max_train_steps``, save the last checkpoint and write the output. SIGTERM (pre-emption)
+        saves a checkpoint of the current step at the next step boundary and raises Preempted instead; a NaN/inf
+        loss or a failed save raises TrainingStopped (see ``--on_nan``)."""
+        previous = self._catch_sigterm()
+        self._bar = None
+        try:
+            return self._train()
+        finally:
+            if self._bar is not None:
+                self._bar.close()  # ends its line before an error's message
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _catch_sigterm(self):
+        """Install the SIGTERM handler (main thread only: Python's rule for signal handlers); returns the handler
+        it replaced, or None. The handler only sets a flag and puts the old handler back, so a second SIGTERM
+        ends the process at once, as before; SIGINT is untouched."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            self._sigterm = True
+            signal.signal(signal.SIGTERM, previous)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        return previous if previous is not None else signal.SIG_DFL
+
+    def _any_process(self, *flags: bool) -> bool | list[bool]:
+        """Whether any process raised each flag (one collective under distributed runs, so that every process
+        takes the same decision)."""
+        values = [bool(f) for f in flags]
+        if self.accelerator.num_processes > 1:
+            t = torch.tensor([float(v) for v in values], device=self.accelerator.device)
+            values = [v > 0 for v in self.accelerator.reduce(t, reduction="sum").tolist()]
+        return values[0] if len(values) == 1 else values
+
+    @staticmethod
+    def _first_non_finite(out) -> str | None:
+        """The first loss term of a phase's output that is NaN or inf, as 'name = value', or None: every logged
+        term, then the loss the phase back-propagates."""
+        terms = list(out.logs.items()) + [("the total loss", out.loss)]
+        for name, value in terms:
+            try:
+                v = float(value.detach().float().sum()) if torch.is_tensor(value) else float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(v):
+                return f"{name} = {v}"
+        return None
+
+    def _preempt(self, bar) -> None:
+        """SIGTERM seen by some process: checkpoint this step on every process, say how to resume, stop."""
+        bar.close()
+        self._save_checkpoint()
+        path = self.output_dir / f"checkpoint-{self.step}"
+        logger.warning("SIGTERM: saved %s at step %d of %d; the run is not finished and its output was not "
+                       "written: resume with --resume_from_checkpoint latest (same --output_dir)", path, self.step,
+                       self.config.max_train_steps)
+        self.accelerator.end_training()
+        raise Preempted(f"stopped by SIGTERM at step {self.step}: resume from {path}", checkpoint=path)
+
+    def _train(self) -> Path:
         from tqdm.auto import tqdm
 
         acc, config, method = self.accelerator, self.config, self.method
         accum = config.gradient_accumulation_steps
-        bar = tqdm(total=config.max_train_steps, initial=self.step, desc=method.name,
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = self._bar = tqdm(total=config.max_train_steps, initial=self.step, desc=method.name,
+                               disable=not acc.is_main_process, dynamic_ncols=True)
         last = time.time()
+        stop = False  # SIGTERM on some process, as agreed by all at the last check
         while self.step < config.max_train_steps:
             logs: dict[str, float] = {}
+            skipped: list[str] = []  # phases whose update --on_nan skip dropped
             handoffs: list[dict] = [{} for _ in range(accum)]  # per micro-batch: what earlier phases handed over
             for phase in method.phases(self.step):
                 if self.fsdp:
                     fsdp.drop_stray_grads(self.params[phase])
+                bad = None  # the first non-finite loss term of this phase on this process
+                phase_logs: dict[str, float] = {}
                 for micro in range(accum):
                     iteration = self.step * accum + micro
                     ctx = self._context(phase, iteration, handoffs[micro])
@@ -269,8 +418,19 @@ class Trainer:
                         # fsdp.drop_stray_grads
                         acc.backward(loss / accum, **({} if self.fsdp else {"inputs": self.params[phase]}))
                     handoffs[micro].update(out.handoff)
+                    bad = bad or self._first_non_finite(out)
                     for k, v in out.logs.items():
-                        logs[k] = logs.get(k, 0.0) + float(v) / accum
+                        phase_logs[k] = phase_logs.get(k, 0.0) + float(v) / accum
+                # every process takes the same decision: a NaN on one poisons the averaged gradients of all;
+                # the SIGTERM flag rides along (SIGTERM may reach some processes only)
+                poisoned, stop = self._any_process(bad is not None, self._sigterm)
+                if poisoned:
+                    self._on_non_finite(phase, bad)
+                    self.optimizers[phase].zero_grad(set_to_none=True)
+                    skipped.append(phase)
+                    continue
+                for k, v in phase_logs.items():
+                    logs[k] = logs.get(k, 0.0) + v
                 if config.max_grad_norm:  # the norm before clipping, logged per network
                     clip = (lambda p, n: fsdp.clip_grad_norm_(acc, p, n)) if self.fsdp else acc.clip_grad_norm_
                     logs[f"grad_norm_{phase}"] = float(clip(self.params[phase], config.max_grad_norm))
@@ -281,12 +441,19 @@ class Trainer:
                 logs[f"lr_{phase}"] = self.schedulers[phase].get_last_lr()[0]
             self.step += 1
             logs = self._reduce(logs)
+            if config.on_nan == "skip":
+                logs["nan_skips"] = self.nan_skips  # in this run so far
+            if skipped:
+                logger.warning("step %d: skipped the update of %s (non-finite loss; %d of at most %d skips)",
+                               self.step, ", ".join(skipped), self.nan_skips, config.max_nan_skips)
             now = time.time()
             logs["sec_per_step"] = now - last
             last = now
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not k.startswith("lr_") and k != "sec_per_step"})
             self._log(logs)
+            if stop:  # before validation and snapshots: the scheduler's grace period is short
+                self._preempt(bar)
             if config.checkpointing_steps and self.step % config.checkpointing_steps == 0 \
                     and self.step < config.max_train_steps:
                 self._save_checkpoint()
@@ -297,6 +464,26 @@ class Trainer:
         bar.close()
         self._save_checkpoint()
         return self.finish()
+
+    def _on_non_finite(self, phase: str, bad: str | None) -> None:
+        """A NaN/inf loss at this step (on this process when ``bad`` names the term, else on another): stop, or
+        under --on_nan skip count it and stop past --max_nan_skips. Nothing of the step is saved either way."""
+        config = self.config
+        where = f"{bad} in phase {phase!r}" if bad else f"a loss of phase {phase!r} on another process"
+        step = self.step + 1  # as logs.jsonl numbers the steps
+        kept = list_checkpoints(self.output_dir)
+        keep = (f"{kept[-1].name} is the last checkpoint, kept (nothing of this step was saved): resume with "
+                "--resume_from_checkpoint latest after fixing the cause (a lower --learning_rate, "
+                "--mixed_precision bf16 instead of fp16, the data)") if kept else \
+            "no checkpoint was written yet"
+        if config.on_nan == "skip":
+            self.nan_skips += 1
+            if self.nan_skips <= config.max_nan_skips:
+                return
+            raise TrainingStopped(f"non-finite loss at step {step}: {where}; more than --max_nan_skips "
+                                  f"{config.max_nan_skips} updates skipped in this run; {keep}")
+        raise TrainingStopped(f"non-finite loss at step {step}: {where}; the run stopped before the update "
+                              f"(--on_nan skip drops such updates instead); {keep}")
 
     def _context(self, phase: str, iteration: int, received: dict) -> PhaseContext:
         """One phase's view of one (micro-)iteration: its batch, its own random stream, its prepared network."""
@@ -380,7 +567,7 @@ class Trainer:
         acc.wait_for_everyone()
         if not (self.config.validation_steps and self.step % self.config.validation_steps == 0):
             self.validate()  # first, so that the model card shows the final grid (under FSDP all processes sample)
-        self._write_output(self.output_dir)
+        self._write_final_output()
         if acc.is_main_process:
             from .plots import plot_losses
 
