@@ -253,6 +253,21 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tiny_sd_path, di
     a, b = _lora(single), _lora(multi)
     close = torch.cat([(a[k] - b[k]).abs().flatten() < 1e-5 for k in a]).float().mean()
     assert close > 0.99, close
+    # resumed with the other process count (same global batch): the 1-process checkpoint by 2 processes and the
+    # 2-process checkpoint by one; each continues its source run (the step after the checkpoint: the same loss)
+    cmd[cmd.index("--master_port") + 1] = "29535"
+    proc = subprocess.run(cmd[:-len(train_args(tiny_sd_path, digits_dir, multi, train_batch_size=2, **base))] +
+                          train_args(tiny_sd_path, digits_dir, tmp_path / "multi_from_single", train_batch_size=2,
+                                     resume_from_checkpoint=single / "checkpoint-1", **base),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run("lcm", train_args(tiny_sd_path, digits_dir, tmp_path / "single_from_multi", train_batch_size=4,
+                                 resume_from_checkpoint=multi / "checkpoint-1", **base)) == 0
+    for source, resumed in ((single, "multi_from_single"), (multi, "single_from_multi")):
+        logs = read_logs(tmp_path / resumed)
+        assert [r["step"] for r in logs] == [2], logs
+        expected = read_logs(source)[1]["loss"]
+        assert abs(logs[0]["loss"] - expected) <= 1e-5 * abs(expected), (resumed, logs[0]["loss"], expected)
 
 
 def _digits_subset(n=24):
