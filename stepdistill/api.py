@@ -12,6 +12,7 @@ checks), so a bad value raises the StepdistillError whose text those commands pr
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,33 @@ def _method_class(method):
 
 
 def train_from_argv(method, argv: list[str] | None = None, prog: str | None = None) -> Path:
-    """Parse ``argv`` (``--config FILE`` and options) for ``method`` (a registered name or a method class), train,
-    write the output and return its directory. Bad input raises a one-line StepdistillError before any weights
-    load."""
+    """Parse ``argv`` (``--config FILE`` and options) for ``method`` (a registered name or a method class; None:
+    the one the config file names, or its pipeline of stages, ``stepdistill.stages``), train, write the output and
+    return its directory. Bad input raises a one-line StepdistillError before any weights load."""
     from .config import parse_config
     from .trainer import Trainer
 
+    if method is None:  # the --config file names it (method:), or is a pipeline of stages (stages:)
+        from .stages import method_of_config, train_stages
+
+        method = method_of_config(list(argv or []))
+        if method == "stages":
+            return train_stages(list(argv or []), prog=prog or "stepdistill train")
     if method == "msd":  # K students and a router: an orchestration of the DM trainers (stepdistill.msd.train)
         from .msd.train import train_msd_from_argv
 
         return train_msd_from_argv(argv, prog=prog or "train_msd.py")
     method_cls = _method_class(method)
-    config = parse_config(method_cls.config_class, argv, prog=prog or f"train_{method_cls.name}.py")
+    config = parse_config(method_cls.config_class, argv, prog=prog or f"train_{method_cls.name}.py",
+                          method=method_cls.name)
     return Path(Trainer(config, method_cls).train())
 
 
-def train(method: str, config: str | Path | None = None, output_dir: str | Path | None = None,
+def train(method: str | None = None, config: str | Path | None = None, output_dir: str | Path | None = None,
           **options: Any) -> Path:
     """Train ``method`` ("lcm", "tscd", "dmd2", "sid", "agd", "tsm": ``stepdistill.methods.METHODS``; or "msd", K
-    students of "dmd2"/"sid" and a router) and return the output
-    directory (weights, ``stepdistill.json``, model card, logs).
+    students of "dmd2"/"sid" and a router; None: what the ``config`` file names, its ``method:`` or its
+    ``stages:``) and return the output directory (weights, ``stepdistill.json``, model card, logs).
 
     ``config`` is a YAML file of options; ``options`` override it, by the command-line names
     (``max_train_steps=2``, ``segments=[8, 4]``, ``use_lora=False``); ``None`` leaves an option to the file or its

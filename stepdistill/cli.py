@@ -118,7 +118,7 @@ def _require_world(path: str) -> None:
         raise StepdistillError(f"{path} has no digits_classifier.safetensors; it is not a tiny-digits world")
 
 
-TRAIN_USAGE = "stepdistill train METHOD [--config FILE.yaml] [options]"
+TRAIN_USAGE = "stepdistill train METHOD [--config FILE.yaml] [options] | stepdistill train --config FILE.yaml [options]"
 
 
 def train_command(argv: list[str]) -> int:
@@ -129,11 +129,16 @@ def train_command(argv: list[str]) -> int:
 
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage: {TRAIN_USAGE}\n\nTrain a distillation method; METHOD is one of {', '.join(METHODS)}, msd.\n"
-              "`stepdistill train METHOD --help` lists that method's options.")
+              "`stepdistill train METHOD --help` lists that method's options. A config that names its method (method: "
+              "METHOD) or a pipeline of stages (stages: [...], README: Pipelines of stages) runs without one: "
+              "`stepdistill train --config FILE.yaml --output_dir DIR`.")
         return 0
+    if argv and argv[0].startswith("-") and any(a == "--config" or a.startswith("--config=") for a in argv):
+        # the config names its method (method:) or its stages (stages:)
+        return train_main(None, argv, prog="stepdistill train")
     if not argv or argv[0].startswith("-"):
-        print(f"error: name a method first: {TRAIN_USAGE}, METHOD one of {', '.join(METHODS)}, msd",
-              file=sys.stderr)
+        print(f"error: name a method first, or a config that names one: {TRAIN_USAGE}, METHOD one of "
+              f"{', '.join(METHODS)}, msd", file=sys.stderr)
         return 2
     return train_main(argv[0], argv[1:], prog=f"stepdistill train {argv[0]}")
 

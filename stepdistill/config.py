@@ -21,10 +21,13 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")
 
 
-def option(default, help: str, choices: tuple | None = None, prose: bool = False, **kwargs):
+def option(default, help: str, choices: tuple | None = None, prose: bool = False, aliases: tuple = (), **kwargs):
     """A config field with its help text. ``choices`` limit the value (each item of a list); ``prose`` marks a
-    list of free text (prompts): each command-line argument is one item, never split at commas."""
+    list of free text (prompts): each command-line argument is one item, never split at commas. ``aliases``: other
+    command-line spellings (an option's former name)."""
     metadata: dict[str, Any] = {"help": help}
+    if aliases:
+        metadata["aliases"] = tuple(aliases)
     if choices:
         metadata["choices"] = choices
     if prose:
@@ -115,6 +118,11 @@ class TrainConfig:
     checkpointing_steps: int = option(500, "save a resumable checkpoint every N iterations")
     checkpoints_total_limit: int | None = option(2, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint directory")
+    init_from_output: str | None = option(None, "start the student from a stepdistill output (its LoRA or full UNet, "
+                                                "e.g. the previous stage of a pipeline: `stepdistill train --config "
+                                                "FILE` with stages:); same base model, student kind and LoRA rank and "
+                                                "alpha; everything else (fake score, optimizers, schedule) starts "
+                                                "fresh")
     init_from_checkpoint: str | None = option(None, "start the networks from the weights of a checkpoint of the same "
                                                     "method, with fresh optimizers, schedule and iteration count: a "
                                                     "recipe's later stage (DMD2's GAN stage from its DM stage, "
@@ -313,7 +321,7 @@ def build_parser(config_class, prog: str | None = None) -> argparse.ArgumentPars
             kwargs["type"] = parse
         if f.metadata.get("choices") and not isinstance(parse, ListOf):  # list items: check_choices
             kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)
     return parser
 
 
@@ -363,25 +371,56 @@ def options_to_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
-def parse_config(config_class, argv: list[str] | None = None, prog: str | None = None):
-    """YAML (``--config``) then command line into ``config_class``. Errors are StepdistillErrors naming the
-    offending key or value."""
+def read_config_file(config_path: str | Path) -> dict:
+    """The mapping of a ``--config`` YAML file, or a one-line error naming the file."""
     import yaml
 
+    path = Path(config_path)
+    if not path.is_file():
+        raise StepdistillError(f"--config {config_path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise StepdistillError(f"{config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise StepdistillError(f"{config_path}: expected a mapping of option: value")
+    return loaded
+
+
+def parse_config(config_class, argv: list[str] | None = None, prog: str | None = None, method: str | None = None,
+                 values: dict | None = None, source: str | None = None):
+    """YAML (``--config``) then command line into ``config_class``. Errors are StepdistillErrors naming the
+    offending key or value.
+
+    ``method``: the method this run trains; a config's top-level ``method:`` key must name it (so a file is run by
+    ``stepdistill train --config FILE``), and is dropped. ``values``: options already read (a pipeline stage's), in
+    place of a ``--config`` file; ``source`` names them in errors."""
     parser = build_parser(config_class, prog)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config")
     args.pop("debug", None)
-    values: dict[str, Any] = {}
-    if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise StepdistillError(f"--config {config_path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise StepdistillError(f"{config_path}: expected a mapping of option: value")
+    loaded = None
+    if values is not None:
+        loaded, config_path = dict(values), source or "the stage's options"
+    elif config_path:
+        loaded = read_config_file(config_path)
+    parsed: dict[str, Any] = {}
+    if loaded is not None:
+        if "stages" in loaded:
+            raise StepdistillError(f"{config_path} is a pipeline of stages: run it with `stepdistill train --config "
+                                   f"{config_path} --output_dir DIR` (no method name)")
         names = {f.name: f for f in fields(config_class)}
         for key, value in loaded.items():
+            if key == "method" and key not in names:
+                own = method or getattr(config_class, "method_name", None)
+                legacy = getattr(config_class, "legacy_method_field", None)  # MSD: method: dmd2 names the students'
+                if own is None or str(value) == own:
+                    continue
+                if legacy is None:
+                    raise StepdistillError(f"{config_path} names method {value!r}, but this run trains {own}: run "
+                                           f"it with `stepdistill train --config {config_path}`, or drop its method: "
+                                           "line")
+                key = legacy
             if key not in names:
                 import difflib
 
@@ -391,12 +430,12 @@ def parse_config(config_class, argv: list[str] | None = None, prog: str | None =
                                        "remove or rename it (the options are those of --help, without the dashes)")
             tp = _field_type(names[key], config_class)
             try:
-                values[key] = value if value is None else _yaml_parser(tp)(value)
+                parsed[key] = value if value is None else _yaml_parser(tp)(value)
             except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
                 raise StepdistillError(f"{config_path}: option {key!r}: {e}; write {_example(key, names[key], tp)}"
                                        ) from None
-    values.update(args)
-    config = config_class(**values)
+    parsed.update(args)
+    config = config_class(**parsed)
     check_choices(config)
     if hasattr(config, "validate"):
         config.validate()

@@ -61,6 +61,9 @@ def preflight(config, method_cls) -> None:
     check_output_dir(config.output_dir)
     resolve_checkpoint(config.output_dir, config.resume_from_checkpoint, method_cls.name)
     check_init_checkpoint(getattr(config, "init_from_checkpoint", None), method_cls.name)
+    from .students import check_init_output
+
+    check_init_output(config, method_cls)
     check_resolution(config)
     check_vae(config, _component_config(str(config.pretrained_model_name_or_path), "vae", config.revision,
                                         getattr(config, "cache_dir", None)))

@@ -120,12 +120,18 @@ class DistillationMethod:
         return self.networks[self.student_name]
 
     def make_student(self) -> nn.Module:
-        """A LoRA on the teacher's UNet (teacher = adapters off) or a full trainable copy."""
+        """A LoRA on the teacher's UNet (teacher = adapters off) or a full trainable copy; with --init_from_output,
+        holding that output's weights."""
         c = self.config
         if c.use_lora:
             add_lora(self.teacher.unet, c.lora_rank, c.lora_alpha, seed=c.seed)
-            return self.teacher.unet
-        student = copy.deepcopy(self.teacher.unet).requires_grad_(True)
+            student = self.teacher.unet
+        else:
+            student = copy.deepcopy(self.teacher.unet).requires_grad_(True)
+        if getattr(c, "init_from_output", None):  # an earlier output (a pipeline's previous stage): its weights
+            from ..students import load_init_output
+
+            load_init_output(student, c)
         return student
 
     @contextlib.contextmanager

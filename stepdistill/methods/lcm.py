@@ -62,6 +62,10 @@ class LCM(ConsistencyDistillation):
         missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        if self.config.init_from_output:  # an earlier output (a pipeline's previous stage)
+            from ..students import load_init_output
+
+            load_init_output(student, self.config)
         return student.to(base.device).requires_grad_(True).train()
 
     def guidance_embedding(self, w: torch.Tensor) -> torch.Tensor | None:

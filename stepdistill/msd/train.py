@@ -2,7 +2,7 @@
 output (Song et al. 2024, arXiv 2410.23274, sections 3.2-3.3).
 
     python train_scripts/train_msd.py --config train_scripts/configs/tiny_digits/msd.yaml --output_dir runs/msd
-    stepdistill train msd --method dmd2 --num_students 4 [DMD2's options]
+    stepdistill train msd --student_method dmd2 --num_students 4 [DMD2's options]
 
 1. The router is built from the training captions (``partition``: balanced k-means on pooled text embeddings,
    ``classes`` in contiguous blocks, or explicit ``patterns``) and written to the output folder first; a later
@@ -42,7 +42,13 @@ BASE_METHODS = ("dmd2", "sid")
 class MSDOptions:
     """Multi-student distillation: K students, each distilled on its part of the prompts, and a router."""
 
-    method: str = option("dmd2", "distribution-matching method of every student", choices=BASE_METHODS)
+    # a config's top-level `method:` names what it trains (msd); a legacy `method: dmd2|sid` in an MSD config is read
+    # as student_method (parse_config)
+    method_name = "msd"
+    legacy_method_field = "student_method"
+
+    student_method: str = option("dmd2", "distribution-matching method of every student", choices=BASE_METHODS,
+                                 aliases=("--method",))
     num_students: int = option(4, "K, the number of students (and parts of the prompt space)")
     partition: str = option("kmeans", "kmeans: balanced k-means on pooled text embeddings (MSD's choice for text); "
                                       "classes: --partition_classes in K contiguous blocks; patterns: "
@@ -62,7 +68,7 @@ def msd_config_class(method: str):
     from ..methods import get_method
 
     if method not in BASE_METHODS:
-        raise StepdistillError(f"--method {method}: MSD students train with one of {', '.join(BASE_METHODS)}")
+        raise StepdistillError(f"--student_method {method}: MSD students train with one of {', '.join(BASE_METHODS)}")
     base = get_method(method).config_class
     cls = dataclasses.make_dataclass(f"MSD{base.__name__}", [], bases=(base, MSDOptions))
     cls.__doc__ = f"{MSDOptions.__doc__} Students train with {method}; its options follow."
@@ -151,7 +157,7 @@ class MSDTraining:
         from ..methods import get_method
         from ..preflight import check_resolution, preflight
 
-        self.config, self.method_cls = config, get_method(config.method)
+        self.config, self.method_cls = config, get_method(config.student_method)
         preflight(config, self.method_cls)
         self.output_dir = Path(config.output_dir)
         self.main_process = int(os.environ.get("RANK", "0")) == 0
@@ -228,7 +234,7 @@ class MSDTraining:
                 Trainer(tsm, TSM, keep=keep).train()
                 gc.collect()
             overrides = dict(student_init=str(tsm_dir / "unet"), student_channel_multiplier=None, student_config=None)
-        logger.info("student %d of %d: %s", k, c.num_students, c.method)
+        logger.info("student %d of %d: %s", k, c.num_students, c.student_method)
         stage = self._stage_config(self.method_cls.config_class, k, out, **overrides)
         Trainer(stage, self.method_cls, keep=keep).train()
         gc.collect()
@@ -280,21 +286,25 @@ def write_msd_output(output_dir: Path, student_dirs: list[Path], router: Router,
 
 # ------------------------------------------------------------------------------------------------------- entry
 def _peek_method(argv: list[str]) -> str:
-    """--method from the command line, else from the --config file, else dmd2 (before the full parse, which needs
-    the method's options)."""
-    import yaml
+    """The students' method: --student_method (or its former name --method) from the command line, else
+    student_method (or a legacy method: other than msd) from the --config file, else dmd2 (before the full parse,
+    which needs the method's options)."""
+    from ..config import read_config_file
 
     for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--method="):
-            return arg.split("=", 1)[1]
+        for flag in ("--student_method", "--method"):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
     for i, arg in enumerate(argv):
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
             arg.split("=", 1)[1] if arg.startswith("--config=") else None)
         if path and Path(path).is_file():
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if isinstance(loaded, dict) and "method" in loaded:
+            loaded = read_config_file(path)
+            if "student_method" in loaded:
+                return str(loaded["student_method"])
+            if str(loaded.get("method", "msd")) != "msd":
                 return str(loaded["method"])
     return "dmd2"
 
@@ -304,7 +314,7 @@ def train_msd_from_argv(argv: list[str] | None = None, prog: str | None = None) 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    config = parse_config(msd_config_class(_peek_method(argv)), argv, prog=prog or "train_msd.py")
+    config = parse_config(msd_config_class(_peek_method(argv)), argv, prog=prog or "train_msd.py", method="msd")
     from ..fsdp import fsdp_requested
 
     if fsdp_requested():
