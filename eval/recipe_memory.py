@@ -96,6 +96,8 @@ def main() -> None:
     for path in args.recipes:
         recipe = yaml.safe_load(path.read_text())
         method = recipe.get("method", {"lcm_lora": "lcm"}.get(path.stem, path.stem.split("_")[0]))
+        if method == "msd":  # K students of its student_method, one at a time
+            method = recipe.get("student_method", "dmd2")
         model = FIXTURES[recipe["pretrained_model_name_or_path"]]
         held = holdings(recipe, method, model)
         other = text_and_vae_params(model)

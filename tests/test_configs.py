@@ -12,7 +12,7 @@ from stepdistill.preflight import preflight
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"
 METHOD_OF = {"lcm_lora": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step": "dmd2", "sid": "sid", "sid_4step": "sid",
-             "agd": "agd", "msd": "msd"}
+             "agd": "agd", "msd": "msd", "tscd_then_dm": "stages"}
 
 
 def test_every_shipped_config_is_covered():
@@ -22,6 +22,14 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("name", sorted(METHOD_OF))
 def test_shipped_config_passes_preflight(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs name assets/ relative to the repository root, as the README runs them
+    if METHOD_OF[name] == "stages":  # a pipeline: every stage parsed and checked (preflight) before any trains
+        from stepdistill.stages import check_stages, load_stages
+
+        argv = ["--config", str(CONFIGS / f"{name}.yaml"), "--output_dir", str(tmp_path / "out")]
+        stages, _ = load_stages(argv)
+        check_stages(stages, argv[1])
+        assert all(s.config.max_train_steps >= 1 for s in stages)
+        return
     if METHOD_OF[name] == "msd":  # K students of a DM method: the method's options plus MSD's
         from stepdistill.msd.train import msd_config_class
 
@@ -32,6 +40,41 @@ def test_shipped_config_passes_preflight(name, tmp_path, monkeypatch):
     config = parse_config(config_class, ["--config", str(CONFIGS / f"{name}.yaml"), "--output_dir", str(tmp_path / "out")])
     preflight(config, method)
     assert config.max_train_steps >= 1
+
+
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("*.yaml"),
+                                    *(REPO / "train_scripts" / "configs").glob("sd*/*.yaml")]),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_names_what_it_trains(path):
+    """`stepdistill train --config FILE --output_dir DIR` runs any shipped config: each names its method (method:)
+    or its stages (stages:), and the method's own parser takes the file with that key."""
+    from stepdistill.stages import method_of_config
+
+    named = method_of_config(["--config", str(path)])
+    expected = METHOD_OF[path.stem] if path.parent == CONFIGS else RECIPE_METHOD[path.stem]
+    assert named == expected
+    if named in ("stages", "msd") or path.parent != CONFIGS:  # the SD recipes: parsed with data below
+        return
+    config = parse_config(get_method(named).config_class, ["--config", str(path), "--output_dir", "unused"],
+                          method=named)
+    assert config.max_train_steps >= 1
+
+
+def test_the_pipeline_config_is_tscd_then_dm_on_one_lora():
+    """tscd_then_dm.yaml: its TSCD stage is tscd.yaml's run, its DM stage dmd2.yaml's one-step recipe on the LoRA."""
+    from stepdistill.stages import load_stages
+
+    stages, out = load_stages(["--config", str(CONFIGS / "tscd_then_dm.yaml"), "--output_dir", "runs/x"])
+    assert [(s.name, s.method) for s in stages] == [("tscd", "tscd"), ("dm", "dmd2")]
+    tscd, dm = (s.config for s in stages)
+    single = parse_config(get_method("tscd").config_class, ["--config", str(CONFIGS / "tscd.yaml"),
+                                                             "--output_dir", "unused"], method="tscd")
+    skip = {"output_dir", "resume_from_checkpoint"}
+    assert {k: v for k, v in vars(tscd).items() if k not in skip} == {k: v for k, v in vars(single).items()
+                                                                       if k not in skip}
+    assert tscd.segments == [8, 4, 2] and dm.use_lora and dm.lora_rank == tscd.lora_rank == 16
+    assert dm.conditioning_timestep == 625 and not dm.denoising_timesteps and dm.gan
+    assert dm.init_from_output == str(out / "stages" / "0-tscd") and tscd.init_from_output is None
 
 
 def test_dmd2_one_step_config_samples_where_it_trains():
@@ -109,7 +152,7 @@ def recipe_config(path: Path, tmp_path: Path, monkeypatch):
     if method_name == "msd":
         from stepdistill.msd.train import msd_config_class
 
-        inner = yaml.safe_load(path.read_text()).get("method", "dmd2")
+        inner = yaml.safe_load(path.read_text()).get("student_method", "dmd2")
         config_class, method = msd_config_class(inner), get_method(inner)
     else:
         method = get_method(method_name)
@@ -126,7 +169,7 @@ def recipe_config(path: Path, tmp_path: Path, monkeypatch):
         argv += ["--train_data_dir", str(data)]
     if method.name in ("sid", "agd") or (method.name == "dmd2" and not gan):  # prompts alone
         argv += ["--prompts_file", str(prompts)]
-    return parse_config(config_class, argv), method
+    return parse_config(config_class, argv, method="msd" if method_name == "msd" else method.name), method
 
 
 def test_every_recipe_is_covered():

@@ -79,7 +79,7 @@ def config_argv(method: str, model: str | Path, output_dir: str | Path, batch_si
     import yaml
 
     options = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())
-    for key in ("train_data_dir", "cache_latents", "validation_prompts", "generator_ema_decay"):
+    for key in ("method", "train_data_dir", "cache_latents", "validation_prompts", "generator_ema_decay"):
         options.pop(key, None)  # no images (the GAN is off); EMA needs a full generator
     options.update(pretrained_model_name_or_path=str(model), output_dir=str(output_dir), use_lora=True,
                    lora_rank=rank, gan=False, prompts_file=str(PROMPTS), train_batch_size=batch_size,
