@@ -44,6 +44,8 @@ class Paths:
     sdxl_student: str = "sdxl_lora/"  # a LoRA output of an SDXL base
     full_unet_student: str = "full_unet/"  # a stepdistill output holding a full UNet
     used_eval_dir: str = "old_eval/"  # images/ without generation.json
+    stages_two_bases: str = "two_bases.yaml"  # stages: tscd on SD15, then dmd2 on an SDXL base
+    stages_two_kinds: str = "lora_then_full.yaml"  # stages: a tscd LoRA, then a full-UNet dmd2
     world: str = "assets/tiny-digits-sd"
     clip: str = "CLIP"  # a CLIP folder (transformers)
 
@@ -148,6 +150,22 @@ CASES = [
                                                   init_from_checkpoint=p.lcm_checkpoint)],
          ("--init_from_checkpoint", "written by method 'lcm', not 'dmd2'", "pass a checkpoint-N directory of an "
           "earlier dmd2 run")),
+    Case("init-from-output-other-kind",
+         lambda p: [SD, "train", "dmd2", *train(p, train_data_dir=None, prompts_file=p.prompts,
+                                                  init_from_output=p.full_unet_student)],
+         ("--init_from_output", "holds a full-UNet student (--use_lora false) (lcm)",
+          "this run trains a LoRA student (--use_lora true): the student kinds must agree")),
+    # ---- pipelines of stages (stepdistill train --config FILE with stages:)
+    Case("stages-two-base-models",
+         lambda p: [SD, "train", "--config", p.stages_two_bases, "--output_dir", p.out],
+         ("stage 1 (dm) trains on the base model", "stage 0 (tscd) on",
+          "the stages of a pipeline share one base model (set pretrained_model_name_or_path once, at the top)"),
+         "two_bases.yaml --output_dir OUT   # stage 1 (dm) on another base model"),
+    Case("stages-lora-then-full-unet",
+         lambda p: [SD, "train", "--config", p.stages_two_kinds, "--output_dir", p.out],
+         ("stage 1 (dm) trains a full-UNet student (--use_lora false), stage 0 (tscd) a LoRA student",
+          "every stage trains the same student (set use_lora once, at the top)"),
+         "lora_then_full.yaml --output_dir OUT   # stage 1 (dm): use_lora: false"),
     Case("output-dir-unwritable", lambda p: [TRAIN_LCM, *train(p, output_dir=f"{p.a_file}/out")],
          ("--output_dir", "a_file/out is not writable", "pass a directory you can write to"),
          "--output_dir a_file/out   # a_file is a file"),
@@ -268,13 +286,23 @@ def paths(tmp_path_factory, tiny_sd_path, tiny_sdxl_path, digits_dir, toy_path) 
     full = root / "full_unet"
     full.mkdir()
     Recipe(method="lcm", base_model=str(tiny_sd_path), adapter="full_unet", scheduler="LCMScheduler").save(full)
+    import yaml
+
+    stages = [{"name": "tscd", "method": "tscd", "segments": [4, 2]},
+              {"name": "dm", "method": "dmd2", "conditioning_timestep": 625}]
+    shared = {"pretrained_model_name_or_path": str(tiny_sd_path), "train_data_dir": str(digits_dir),
+              "max_train_steps": 2, "lora_rank": 4}
+    (root / "two_bases.yaml").write_text(yaml.safe_dump({**shared, "stages": [
+        stages[0], {**stages[1], "pretrained_model_name_or_path": str(tiny_sdxl_path)}]}))
+    (root / "lora_then_full.yaml").write_text(yaml.safe_dump({**shared, "stages": [
+        stages[0], {**stages[1], "use_lora": False}]}))
     used = root / "old_eval" / "images"
     used.mkdir(parents=True)
     shutil.copy(Path(digits_dir) / "0000.png", used / "00000.png")
     p.__dict__.update({name: str(root / getattr(Paths, name)) for name in
                        ("prompts", "empty_prompts", "broken_data", "half_broken_data", "not_sd", "a_file",
                         "yaml_unknown", "yaml_type", "lcm_checkpoint", "sdxl_student", "full_unet_student",
-                        "used_eval_dir")})
+                        "used_eval_dir", "stages_two_bases", "stages_two_kinds")})
     return p
 
 
