@@ -209,7 +209,8 @@ class FDistillLoss(GeneratorLoss):
     h(r) = r² f''(r) per sample, r from the Diffusion-GAN head's logits at the same x_t (no gradient through r), h
     normalised to batch mean 1 (h / (mean h + 1e-6), as FastGen). Reverse KL has h ≡ 1: DMD exactly.
     Differs from FastGen: its default ratio_normalization also divides r by its batch mean within 10 t-bins
-    before h; we do not (methods.md's line does not either)."""
+    before h; we do not (methods.md's line does not either). FastGen's discriminator reads the frozen teacher's
+    features; ours is DMD2's head on the fake score's mid block (the trainer's existing Diffusion-GAN)."""
 
     name = "fdistill"
     needs_ratio = True
