@@ -6,7 +6,7 @@ DDIM steps (CFG 3), and prompt agreement. Only the generator loss changes betwee
 config's, tuned for ``dmd`` (the score-branch members, ``sid``/``sim``/``uni_instruct``, have losses of another scale
 and may want their own: a first comparison, not a tuned one).
 
-    python eval/bench_dm_family.py --budget smoke     # ~5 min on 2 CPU threads (5 iterations, 50 images): shows it runs
+    python eval/bench_dm_family.py --budget smoke     # 5 iterations, 50 images: shows it runs (9 min on 2 busy CPU cores)
     python eval/bench_dm_family.py --budget full      # the config's 2000 iterations, batch 64, 1000 images: hours
 
 Trained outputs go to runs/bench_dm_family/<budget>/<member>/ and a finished one is reused; the table is printed and
