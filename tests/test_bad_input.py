@@ -73,6 +73,7 @@ class Case:
 
 
 TRAIN_LCM = "train_scripts/train_lcm.py"
+TRAIN_DMD2 = "train_scripts/train_dmd2.py"
 SD = "stepdistill"
 
 CASES = [
@@ -118,6 +119,18 @@ CASES = [
          ("--lora_alpha 0: must be > 0", "drop it for alpha = rank")),
     Case("max-train-steps-0", lambda p: [TRAIN_LCM, *train(p, max_train_steps=0)],
          ("--max_train_steps 0: must be at least 1",)),
+    Case("ratio-loss-without-gan",
+         lambda p: [TRAIN_DMD2, *train(p, prompts_file=p.prompts, generator_loss="fdistill", divergence="js")],
+         ("--generator_loss fdistill weights by a density ratio read from the Diffusion-GAN head",
+          "pass --gan true")),
+    Case("uni-instruct-without-gan",
+         lambda p: [SD, "train", "sid", *train(p, train_data_dir=None, prompts_file=p.prompts,
+                                               generator_loss="uni_instruct")],
+         ("--generator_loss uni_instruct weights by a density ratio", "pass --gan true")),
+    Case("divergence-not-taken",
+         lambda p: [TRAIN_DMD2, *train(p, prompts_file=p.prompts, generator_loss="diff_instruct",
+                                       divergence="forward_kl")],
+         ("--divergence forward_kl: --generator_loss diff_instruct takes no divergence", "drop --divergence")),
     Case("unknown-method", lambda p: [SD, "train", "lcm2", *train(p)],
          ("unknown method 'lcm2'", "expected one of lcm, tscd, dmd2, sid, agd, tsm")),
     Case("unknown-option", lambda p: [TRAIN_LCM, *train(p), "--learnin_rate", "1e-4"],

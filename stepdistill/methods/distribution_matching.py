@@ -23,7 +23,8 @@ from ..prompts import read_prompts
 from ..students import StudentShapeOptions, build_student_unet, check_student_options
 from ..teacher import Conditioning
 from .base import DistillationMethod, PhaseContext, PhaseOutput, ema_update
-from .losses import (DenoisingLoss, GeneratorLoss, ScorePair, gan_discriminator_loss, gan_generator_loss)
+from .losses import (DIVERGENCE_LOSSES, DIVERGENCES, GENERATOR_LOSSES, RATIO_LOSSES, DenoisingLoss, GeneratorLoss,
+                     ScorePair, gan_discriminator_loss, gan_generator_loss, make_generator_loss)
 from .networks import FakeScore, GANHead, SharedUNetAdapter
 
 IMAGE_SOURCES = ("train_data_dir", "dataset_name", "train_shards")
@@ -58,6 +59,16 @@ class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
                                                     "trainable copy of the teacher")
     fake_score_lora_alpha: float | None = option(None, "alpha of the fake score's LoRA (default: its rank, i.e. "
                                                        "scale 1)")
+    generator_loss: str = option("dmd", "the generator's loss, a member of the distribution-matching family (README "
+                                        "'The distribution-matching family'): dmd, diff_instruct, sid, sim, fdistill "
+                                        "(needs --gan), uni_instruct (needs --gan)", choices=GENERATOR_LOSSES)
+    divergence: str | None = option(None, "the f-divergence of --generator_loss fdistill (default js) or uni_instruct "
+                                          "(default forward_kl)", choices=DIVERGENCES)
+    alpha: float = option(1.0, "α of the sid generator loss (1 for SD; 1.2 in the EDM paper; 0.5-1 for new domains)")
+    sim_distance: str | None = option(None, "the distance of --generator_loss sim: l2 (= sid with α 0.5) or "
+                                            "pseudo_huber (default)", choices=("l2", "pseudo_huber"))
+    sim_huber_c: float = option(0.00054, "pseudo-Huber constant of --generator_loss sim, times √(C·H·W) of the "
+                                         "latents (iCT's scaling)")
 
     def image_sources(self) -> list[str]:
         return [k for k in IMAGE_SOURCES if getattr(self, k, None)]
@@ -90,7 +101,27 @@ class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
                                    "is a full copy otherwise")
         if self.fake_score_lora_alpha is not None and self.fake_score_lora_alpha <= 0:
             raise StepdistillError(f"--fake_score_lora_alpha {self.fake_score_lora_alpha}: must be > 0")
+        self.check_generator_loss()
         check_student_options(self)
+
+    def check_generator_loss(self) -> None:
+        name = self.generator_loss
+        if name in RATIO_LOSSES and not self.gan:
+            raise StepdistillError(f"--generator_loss {name} weights by a density ratio read from the Diffusion-GAN "
+                                   "head: pass --gan true with an image source (--train_data_dir, --dataset_name or "
+                                   "--train_shards)")
+        if self.divergence is not None and name not in DIVERGENCE_LOSSES:
+            raise StepdistillError(f"--divergence {self.divergence}: --generator_loss {name} takes no divergence "
+                                   f"(only {' and '.join(DIVERGENCE_LOSSES)} do); drop --divergence")
+        if self.sim_distance is not None and name != "sim":
+            raise StepdistillError(f"--sim_distance {self.sim_distance}: only --generator_loss sim takes a distance; "
+                                   "drop --sim_distance")
+        if self.sim_huber_c <= 0:
+            raise StepdistillError(f"--sim_huber_c {self.sim_huber_c}: must be > 0")
+
+    def make_generator_loss(self) -> GeneratorLoss:
+        return make_generator_loss(self.generator_loss, self.divergence, self.alpha, self.sim_distance,
+                                   self.sim_huber_c)
 
 
 def check_timesteps(name: str, steps: list[int]) -> None:
@@ -330,10 +361,14 @@ class DistributionMatching(DistillationMethod):
         t = own.randint(c.min_step, c.max_step + 1, b).to(x_g.device)
         noise = own.randn_like(x_g)
         x_t = teacher.add_noise(x_g, noise, t)
+        logits = None
         with torch.set_grad_enabled(self.generator_loss.input_grad):
             y_real = self.real_x0(x_t, t, cond)
             y_fake = self.fake_x0(x_t, t, cond)
-        loss, logs = self.generator_loss(ScorePair(x_g, x_t, t, noise, y_real, y_fake))
+            if self.generator_loss.needs_ratio:  # r = p/q from the GAN head at the same noisy point (f-distill)
+                fake_cond = cond if self.guidance.fake_text else self.uncond(b)
+                logits = self.networks["fake_score"](x_t, t, **fake_cond.unet_kwargs(), classify=True)
+        loss, logs = self.generator_loss(ScorePair(x_g, x_t, t, noise, y_real, y_fake, logits))
         logs = {f"loss_{self.generator_loss.name}": loss.detach(), "depth": float(depth), **logs}
         if self.gan_active(ctx.step):
             gan = gan_generator_loss(self.discriminate(self.networks["fake_score"], x_g, cond, own))

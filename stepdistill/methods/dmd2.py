@@ -19,7 +19,7 @@ from ..errors import StepdistillError
 from ..recipe import Recipe
 from .base import PhaseContext, PhaseOutput
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig, Guidance, check_timesteps
-from .losses import DenoisingLoss, DMDLoss
+from .losses import DenoisingLoss
 
 
 @dataclass
@@ -55,7 +55,6 @@ class DMD2Config(DistributionMatchingConfig):
 class DMD2(DistributionMatching):
     name = "dmd2"
     config_class = DMD2Config
-    generator_loss = DMDLoss()
     denoising_loss = DenoisingLoss("mean")  # sd_guidance.py compute_loss_fake: mean squared ε error
 
     def build(self) -> None:
@@ -63,6 +62,7 @@ class DMD2(DistributionMatching):
         self.generator_timesteps = c.denoising_timesteps or [c.conditioning_timestep]
         self.init_noise_scale = 1.0  # pure noise at the first step (DMD2's pure_noise_mask)
         self.guidance = Guidance(real=c.real_guidance_scale)  # the fake score never sees CFG
+        self.generator_loss = c.make_generator_loss()  # dmd by default: DMDLoss, DMD2's own
         super().build()
 
     def phases(self, step: int) -> list[str]:

@@ -79,6 +79,7 @@ class ScorePair:
     noise: torch.Tensor
     y_real: torch.Tensor
     y_fake: torch.Tensor
+    logits: torch.Tensor | None = None  # the Diffusion-GAN head's logits at (x_t, t), for the ratio-weighted losses
 
 
 class GeneratorLoss:
@@ -92,6 +93,7 @@ class GeneratorLoss:
 
     name: ClassVar[str]
     input_grad: ClassVar[bool] = False
+    needs_ratio: ClassVar[bool] = False  # reads ScorePair.logits (a discriminator at the same x_t): needs --gan
 
     def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -142,3 +144,197 @@ class SiDLoss(GeneratorLoss):
     def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
         loss, dropped = sid_loss(s.x_g, s.y_real, s.y_fake, self.alpha)
         return loss, {"nan_dropped": float(dropped)}
+
+
+# ----------------------------------------------------------------------------------------------------- the family
+# Uni-Instruct (arXiv 2505.20755) reads DMD, Diff-Instruct, SiD, SIM and f-distill as one family: the generator's
+# loss weights the gap y_r - y_f between the teacher's and the fake score's clean estimates at x_t = a_t x_g + s_t ε,
+# some members times a function of a density ratio r = p_teacher / q_generator read from a discriminator. Every
+# loss below is written in clean-estimate (y) units: s_r - s_f = (a_t / s_t²)(y_r - y_f), and the per-t factor
+# (a_t / s_t²)² is replaced by the members' per-sample normaliser ω = sg(mean_CHW |x_g - y_r|) (DMD2, SiD).
+
+# φ(r) = r² f''(r) for D_f(p‖q) = E_q[f(p/q)], up to a constant factor; also FastGen's h(r)
+# (methods/distribution_matching/f_distill.py, all_f_div_weighting_function: rkl 1, kl r, js 1 - 1/(1+r), sh √r,
+# jf 1 + r). Checked by hand: reverse KL f = -log r; forward KL f = r log r; JS f = ½[r log r - (1+r) log((1+r)/2)]
+# gives ½ r/(1+r); squared Hellinger f = (√r - 1)² gives ½ √r; Jeffreys f = (r - 1) log r gives 1 + r.
+F_WEIGHTS = {
+    "reverse_kl": lambda r: torch.ones_like(r),
+    "forward_kl": lambda r: r,
+    "js": lambda r: r / (1 + r),
+    "hellinger": lambda r: r.sqrt(),
+    "jeffreys": lambda r: 1 + r,
+}
+# φ(r) - r φ'(r): the weight of ‖y_r - y_f‖² in Uni-Instruct's loss (see uni_instruct_loss)
+F_SCORE_WEIGHTS = {
+    "reverse_kl": lambda r: torch.ones_like(r),
+    "forward_kl": lambda r: torch.zeros_like(r),
+    "js": lambda r: (r / (1 + r)) ** 2,
+    "hellinger": lambda r: 0.5 * r.sqrt(),
+    "jeffreys": lambda r: torch.ones_like(r),
+}
+DIVERGENCES = tuple(F_WEIGHTS)
+LOGIT_CLAMP = 10.0  # FastGen f_distill.py: logits clamped to [-10, 10] before exp
+RATIO_RANGE = (0.1, 20.0)  # FastGen config_f_distill.py: ratio_lower 0.1, ratio_upper 20
+
+
+def density_ratio(logits: torch.Tensor) -> torch.Tensor:
+    """r = p_teacher / q_generator ≈ exp(D(x_t)) from a discriminator trained with softplus(D(fake)) +
+    softplus(-D(real)) (its optimum is log p/q), clamped as FastGen's f_distill.py: logit to [-10, 10], r to
+    [0.1, 20]. Gradients pass where no clamp is active (Uni-Instruct backprops through the ratio's input)."""
+    logits = logits.float().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    return logits.exp().clamp(*RATIO_RANGE)
+
+
+def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+class DiffInstructLoss(GeneratorLoss):
+    """Diff-Instruct (Luo et al. 2023, the integral-KL gradient E_t[w(t)(s_f - s_r)·∂x_t/∂θ]): the gradient on x_g is
+    w(t) a_t (a_t / s_t²)(y_f - y_r). The paper leaves w(t) open; we take w(t) = s_t² / a_t², so the gradient is
+    y_f - y_r in clean-estimate units: DMD's direction without DMD's per-sample normaliser. Same surrogate as DMD:
+    0.5 · mean((x_g - sg(x_g - g))²), no backprop through the score networks."""
+
+    name = "diff_instruct"
+
+    def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            grad = torch.nan_to_num(s.y_fake.float() - s.y_real.float())
+        loss = 0.5 * F.mse_loss(s.x_g.float(), (s.x_g.float() - grad).detach())
+        return loss, {"dm_grad_norm": grad.norm().detach()}
+
+
+class FDistillLoss(GeneratorLoss):
+    """f-distill (Xu et al. 2025; NVlabs/FastGen methods/distribution_matching/f_distill.py): DMD's gradient times
+    h(r) = r² f''(r) per sample, r from the Diffusion-GAN head's logits at the same x_t (no gradient through r), h
+    normalised to batch mean 1 (h / (mean h + 1e-6), as FastGen). Reverse KL has h ≡ 1: DMD exactly.
+    Differs from FastGen: its default ratio_normalization also divides r by its batch mean within 10 t-bins
+    before h; we do not (methods.md's line does not either). FastGen's discriminator reads the frozen teacher's
+    features; ours is DMD2's head on the fake score's mid block (the trainer's existing Diffusion-GAN)."""
+
+    name = "fdistill"
+    needs_ratio = True
+
+    def __init__(self, divergence: str = "js"):
+        self.divergence = divergence
+
+    def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            r = density_ratio(s.logits)
+            h = F_WEIGHTS[self.divergence](r)
+            if self.divergence != "reverse_kl":  # h ≡ 1 is left exactly 1 (DMD's figures, bit for bit)
+                h = h / (h.mean() + 1e-6)
+            grad = _per_sample(h, s.x_g) * dmd_gradient(s.x_g.float(), s.y_real.float(), s.y_fake.float())
+        loss = 0.5 * F.mse_loss(s.x_g.float(), (s.x_g.float() - grad).detach())
+        return loss, {"dm_grad_norm": grad.norm().detach(), "ratio_mean": r.mean(), "h_max": h.max()}
+
+
+def _finite(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.stack([v.flatten(1).isfinite().all(1) for v in tensors]).all(0)
+
+
+def score_family_loss(x_g, y_real, y_fake, score_weight, cross_weight) -> tuple[torch.Tensor, int]:
+    """½ Σ_CHW [A ‖y_r - y_f‖² + 2 B (y_r - y_f)·(y_f - x_g)] / ω per sample, summed over the samples without NaN and
+    divided by the whole batch (SiD-LSG's reduction); A, B per-sample weights. Autograd runs through y_r, y_f (the
+    score networks' inputs), x_g and the weights. A = B = 1 is SiD's loss at α = 0.5:
+    ½‖δ‖² + δ·(y_f - x_g) = δ·(y_r - x_g) - ½‖δ‖², δ = y_r - y_f."""
+    b = x_g.shape[0]
+    dims = tuple(range(1, x_g.ndim))
+    finite = _finite(x_g, y_real, y_fake, score_weight.view(b, 1), cross_weight.view(b, 1))
+    x_g, y_real, y_fake = x_g[finite].float(), y_real[finite].float(), y_fake[finite].float()
+    score_weight, cross_weight = score_weight[finite], cross_weight[finite]
+    with torch.no_grad():
+        omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
+    delta = y_real - y_fake
+    per_sample = (0.5 * score_weight * (delta ** 2).sum(dim=dims)
+                  + cross_weight * (delta * (y_fake - x_g)).sum(dim=dims)) / omega
+    return per_sample.sum() / b, int(b - finite.sum())
+
+
+class UniInstructLoss(GeneratorLoss):
+    """Uni-Instruct (arXiv 2505.20755): the expanded f-divergence ∫ w(t) E_{q_t}[φ(r)‖s_r - s_f‖²] dt, φ = r² f''(r),
+    made trainable. Our derivation (methods.md section 7, re-derived here: the functional θ-dependence of r = p/q
+    gives -rφ'‖Δ‖² by ∫ h ∂_θ q = ∂_θ E_q[h]; that of s_f gives 2φΔ·(a_t/s_t²)(y_f - x_g) by the score-projection
+    identity E_q[u·s_q] = E[u·∇log q(x_t|x_g)]):
+        L = (φ - rφ')‖Δ‖² + 2φ Δ·(a_t/s_t²)(y_f - x_g),  Δ = (a_t/s_t²)(y_r - y_f),
+    backprop through the inputs of both score networks and of the ratio. Here in y units with SiD's ω for
+    (a_t/s_t²)² and a factor ½, so that reverse KL (φ ≡ 1) is SiD's loss with α = 0.5 exactly (tests/
+    test_dm_family.py). Both weights are divided by sg(batch mean φ) (our choice, mirroring f-distill's
+    normalisation; reverse KL is left exact). NOT checked against the paper's Theorem 3.2 text, which we could not
+    retrieve: where they differ, the paper wins."""
+
+    name = "uni_instruct"
+    input_grad = True
+    needs_ratio = True
+
+    def __init__(self, divergence: str = "forward_kl"):
+        self.divergence = divergence
+
+    def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
+        r = density_ratio(s.logits)
+        phi = F_WEIGHTS[self.divergence](r)
+        score_w = F_SCORE_WEIGHTS[self.divergence](r)
+        if self.divergence != "reverse_kl":
+            norm = phi.detach().mean() + 1e-6
+            phi, score_w = phi / norm, score_w / norm
+        loss, dropped = score_family_loss(s.x_g, s.y_real, s.y_fake, score_w, phi)
+        return loss, {"nan_dropped": float(dropped), "ratio_mean": r.detach().mean()}
+
+
+class SIMLoss(GeneratorLoss):
+    """Score Implicit Matching (Luo et al. 2024, arXiv 2410.16794): a distance d on Δ = s_r - s_f, trained through
+    the score-projection identity. Our derivation, as Uni-Instruct's with a general d: the gradient of E_q[d(Δ)] is
+    that of d(Δ) + d'(Δ)·(a_t/s_t²)(y_f - x_g) with backprop through both score networks' inputs (d' included);
+    here in y units (δ = y_r - y_f) with SiD's ω and a factor ½:
+        l2:           d = ‖δ‖²,            ½[‖δ‖² + 2δ·(y_f - x_g)] / ω  = SiD with α = 0.5
+        pseudo_huber: d = √(‖δ‖² + c²) - c, ½[d + δ·(y_f - x_g)/√(‖δ‖² + c²)] / ω   (the paper's default d)
+    with c = sim_huber_c · √(C·H·W) (iCT's scaling of the pseudo-Huber constant; the SIM paper's own constant was
+    not retrieved, and our default 0.00054 is iCT's, not SIM's). Unverified against the paper's exact loss: the
+    paper's text was not retrievable here; it may apply a stop-gradient to d'(·), which changes the estimator."""
+
+    name = "sim"
+    input_grad = True
+
+    def __init__(self, distance: str = "pseudo_huber", huber_c: float = 0.00054):
+        self.distance, self.huber_c = distance, huber_c
+
+    def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
+        b = s.x_g.shape[0]
+        if self.distance == "l2":
+            ones = torch.ones(b, device=s.x_g.device)
+            loss, dropped = score_family_loss(s.x_g, s.y_real, s.y_fake, ones, ones)
+            return loss, {"nan_dropped": float(dropped)}
+        dims = tuple(range(1, s.x_g.ndim))
+        finite = _finite(s.x_g, s.y_real, s.y_fake)
+        x_g, y_real, y_fake = s.x_g[finite].float(), s.y_real[finite].float(), s.y_fake[finite].float()
+        c = self.huber_c * float(torch.tensor(x_g.shape[1:]).prod()) ** 0.5
+        with torch.no_grad():
+            omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
+        delta = y_real - y_fake
+        root = ((delta ** 2).sum(dim=dims) + c ** 2).sqrt()
+        per_sample = 0.5 * ((root - c) + (delta * (y_fake - x_g)).sum(dim=dims) / root) / omega
+        return per_sample.sum() / b, {"nan_dropped": float(b - finite.sum())}
+
+
+GENERATOR_LOSSES = ("dmd", "diff_instruct", "sid", "sim", "fdistill", "uni_instruct")
+RATIO_LOSSES = ("fdistill", "uni_instruct")  # need a discriminator (--gan)
+DIVERGENCE_LOSSES = RATIO_LOSSES
+DEFAULT_DIVERGENCE = {"fdistill": "js", "uni_instruct": "forward_kl"}  # FastGen's default; the paper's best (IN-64)
+
+
+def make_generator_loss(name: str, divergence: str | None = None, alpha: float = 1.0,
+                        sim_distance: str | None = None, sim_huber_c: float = 0.00054) -> GeneratorLoss:
+    """The family's member by its --generator_loss name."""
+    if name == "dmd":
+        return DMDLoss()
+    if name == "diff_instruct":
+        return DiffInstructLoss()
+    if name == "sid":
+        return SiDLoss(alpha)
+    if name == "sim":
+        return SIMLoss(sim_distance or "pseudo_huber", sim_huber_c)
+    if name == "fdistill":
+        return FDistillLoss(divergence or DEFAULT_DIVERGENCE[name])
+    if name == "uni_instruct":
+        return UniInstructLoss(divergence or DEFAULT_DIVERGENCE[name])
+    raise ValueError(f"unknown generator loss {name!r}")

@@ -23,7 +23,7 @@ from ..errors import StepdistillError
 from ..recipe import Recipe
 from .base import PhaseContext, PhaseOutput
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig, Guidance, check_timesteps
-from .losses import DenoisingLoss, SiDLoss
+from .losses import DenoisingLoss
 
 LSG_DEFAULT = 1.5  # SiD-LSG SD1.5 one step: κ = 1.5 gives FID 8.15
 ANTI_CFG_DEFAULT = -0.5  # a first guess: our references name Anti-CFG (negative CFG in F) but give no value
@@ -39,7 +39,10 @@ class SiDConfig(DistributionMatchingConfig):
     """Score identity Distillation (SiD, SiD-LSG, few-step SiD). Guidance uses the Imagen convention (1 = none).
     SiD-LSG trains the full generator (it has no LoRA recipe)."""
 
-    alpha: float = option(1.0, "α of the generator loss (1 for SD; 1.2 in the EDM paper; 0.5-1 for new domains)")
+    generator_loss: str = option("sid", "the generator's loss, a member of the distribution-matching family (README "
+                                        "'The distribution-matching family'): sid, sim, uni_instruct (needs --gan), "
+                                        "dmd, diff_instruct, fdistill (needs --gan)",
+                                 choices=("dmd", "diff_instruct", "sid", "sim", "fdistill", "uni_instruct"))
     init_timestep: int = option(625, "t_init: the generator's first (for one step, only) timestep")
     init_noise: str = option("scaled", "scaled: the first input is √(1-ᾱ_t_init)·z as in the paper (a stock "
                                        "pipeline then needs latents scaled by the recipe's init_noise_scale); unit: "
@@ -128,7 +131,7 @@ class SiD(DistributionMatching):
         self.sample_text_dropout = dropout if before_sampling else 0.0
         self.guidance = Guidance(real=k4, fake=k2, fake_train=k1, fake_text=not zero,
                                  fake_text_dropout=0.0 if before_sampling else dropout)
-        self.generator_loss = SiDLoss(c.alpha)
+        self.generator_loss = c.make_generator_loss()  # sid by default: SiDLoss(α), SiD's own
         super().build()
 
     def phases(self, step: int) -> list[str]:
