@@ -94,10 +94,11 @@ def table(results: dict) -> str:
     lines = ["| method | steps | UNet evals / image | digits-FID | FID / teacher (25 steps) | prompt agreement | "
              "training min | peak RSS (MB) | images/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        train_ = r.get("train") or {}
+        train_ = r.get("train") or {}  # the teacher's rows: nothing trained
+        minutes, rss = train_.get("train_minutes"), train_.get("peak_rss_mb")
         lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['digits_fid']:.3f} | "
                      f"{r['digits_fid'] / teacher:.2f}x | {100 * r['prompt_agreement']:.1f} % | "
-                     f"{train_.get('train_minutes', float('nan')):.1f} | {train_.get('peak_rss_mb', float('nan')):.0f} | "
+                     f"{'—' if minutes is None else f'{minutes:.1f}'} | {'—' if rss is None else f'{rss:.0f}'} | "
                      f"{r['images_per_second']:.0f} |")
     return "\n".join(lines)
 

@@ -58,7 +58,8 @@ def plot_series(series: dict[str, list[tuple[float, float]]], out_path: str | Pa
     gy = math.exp if log_y else (lambda v: v)
     series = {name: [(fx(x), fy(y)) for x, y in pts] for name, pts in series.items()}
 
-    colors = ["navy", "darkred", "darkgreen", "darkorange", "purple", "teal", "saddlebrown"]
+    colors = ["navy", "darkred", "darkgreen", "darkorange", "purple", "teal", "saddlebrown", "deeppink", "olive",
+              "black"]
     points = [p for s in series.values() for p in s]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
