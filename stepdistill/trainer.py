@@ -339,15 +339,18 @@ class Trainer:
 
     def _catch_sigterm(self):
         """Install the SIGTERM handler (main thread only: Python's rule for signal handlers); returns the handler
-        it replaced, or None. The handler only sets a flag and puts the old handler back, so a second SIGTERM
-        ends the process at once, as before; SIGINT is untouched."""
+        it replaced, or None. The handler only sets a flag, and stays: a repeated SIGTERM does not cut the save
+        short. Schedulers that signal every process of a job (SLURM's scancel) reach a torchrun worker twice, once
+        directly and once forwarded by the launcher, within the same second. SIGINT (Ctrl-C) and SIGKILL still end
+        the run at once."""
         if threading.current_thread() is not threading.main_thread():
             return None
         previous = signal.getsignal(signal.SIGTERM)
 
         def on_sigterm(signum, frame):
+            if self._sigterm:
+                logger.warning("SIGTERM again: the checkpoint of this step is being saved; SIGKILL stops at once")
             self._sigterm = True
-            signal.signal(signal.SIGTERM, previous)
 
         signal.signal(signal.SIGTERM, on_sigterm)
         return previous if previous is not None else signal.SIG_DFL
