@@ -36,6 +36,12 @@ MEMBERS = {
     "fdistill (JS)": ["--generator_loss", "fdistill", "--divergence", "js"],
     "fdistill (forward KL)": ["--generator_loss", "fdistill", "--divergence", "forward_kl"],
     "uni_instruct (forward KL)": ["--generator_loss", "uni_instruct", "--divergence", "forward_kl"],
+    # without the Diffusion-GAN term, where the loss allows it (f-distill and Uni-Instruct read their density ratio
+    # from the GAN head: they need it)
+    "dmd, no GAN": ["--generator_loss", "dmd", "--gan", "false"],
+    "diff_instruct, no GAN": ["--generator_loss", "diff_instruct", "--gan", "false"],
+    "sid (α = 1), no GAN": ["--generator_loss", "sid", "--alpha", "1.0", "--gan", "false"],
+    "sim (pseudo-Huber), no GAN": ["--generator_loss", "sim", "--sim_distance", "pseudo_huber", "--gan", "false"],
 }
 # iterations (generator updates = iterations / 5 with the config's TTUR), batch, images scored
 BUDGETS = {"full": (2000, 64, 1000), "quick": (200, 64, 300), "smoke": (5, 4, 50)}
