@@ -216,8 +216,6 @@ class Trainer:
     def _save_snapshot(self) -> None:
         """The complete output as it stands (``snapshots/step-N``), written atomically: a folder that exists is
         whole."""
-        import shutil
-
         final = self.output_dir / "snapshots" / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.accelerator.is_main_process:

@@ -120,13 +120,18 @@ class DMDLoss(GeneratorLoss):
         return loss, {"dm_grad_norm": grad.norm().detach()}
 
 
+def _finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """Per sample: whether every value of every tensor is finite."""
+    return torch.stack([v.flatten(1).isfinite().all(1) for v in tensors]).all(0)
+
+
 def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> tuple[torch.Tensor, int]:
     """SiD's generator loss (SiD paper eq. 21; SiD-LSG sid_sd_loss): Σ_CHW (y_r - y_f)·((y_r - x_g) - α (y_r - y_f))
     / ω with ω = sg(mean_CHW|x_g - y_r|).clip(1e-5), summed over the samples without NaN and divided by the whole
     batch (as the official loop does). Returns the loss and the number of samples dropped."""
     b = x_g.shape[0]
     dims = tuple(range(1, x_g.ndim))
-    finite = torch.stack([v.flatten(1).isfinite().all(1) for v in (x_g, y_real, y_fake)]).all(0)
+    finite = _finite(x_g, y_real, y_fake)
     x_g, y_real, y_fake = x_g[finite].float(), y_real[finite].float(), y_fake[finite].float()
     with torch.no_grad():
         omega = (x_g - y_real).abs().mean(dim=dims, keepdim=True).clip(min=1e-5)
@@ -227,10 +232,6 @@ class FDistillLoss(GeneratorLoss):
             grad = _per_sample(h, s.x_g) * dmd_gradient(s.x_g.float(), s.y_real.float(), s.y_fake.float())
         loss = 0.5 * F.mse_loss(s.x_g.float(), (s.x_g.float() - grad).detach())
         return loss, {"dm_grad_norm": grad.norm().detach(), "ratio_mean": r.mean(), "h_max": h.max()}
-
-
-def _finite(*tensors: torch.Tensor) -> torch.Tensor:
-    return torch.stack([v.flatten(1).isfinite().all(1) for v in tensors]).all(0)
 
 
 def score_family_loss(x_g, y_real, y_fake, score_weight, cross_weight) -> tuple[torch.Tensor, int]:
