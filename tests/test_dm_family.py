@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from stepdistill.config import parse_config
 from stepdistill.errors import StepdistillError
 from stepdistill.methods.dmd2 import DMD2, DMD2Config
-from stepdistill.methods.losses import (F_SCORE_WEIGHTS, F_WEIGHTS, DiffInstructLoss, DMDLoss, FDistillLoss,
+from stepdistill.methods.losses import (F_DI_WEIGHTS, F_WEIGHTS, DiffInstructLoss, DMDLoss, FDistillLoss,
                                         ScorePair, SiDLoss, SIMLoss, UniInstructLoss, density_ratio)
 from stepdistill.methods.sid import SiD, SiDConfig
 from stepdistill.trainer import run
@@ -61,9 +61,8 @@ class Point:
         return x, yr, yf, yr - yf, omega, p.logits
 
 
-def _score_branch_by_hand(pt, A, B_, dA=None, dB=None):
-    """∂/∂x_g of (1/b) Σ_i [½ A_i ‖δ_i‖² + B_i δ_i·(y_f,i - x_i)] / ω_i, ω constant; A, B functions of r_i = exp(w·x_t
-    + β) with derivatives dA, dB in r (None: constants)."""
+def _score_branch_by_hand(pt, A, B_):
+    """∂/∂x_g of (1/b) Σ_i [½ A_i ‖δ_i‖² + B_i δ_i·(y_f,i - x_i)] / ω_i, ω, A and B constant."""
     x, yr, yf, d, omega, logits = pt.values()
     out = []
     for i in range(B):
@@ -71,10 +70,6 @@ def _score_branch_by_hand(pt, A, B_, dA=None, dB=None):
         J_d = a * (pt.M_r - pt.M_f)  # ∂δ/∂x_g
         J_f = a * pt.M_f  # ∂y_f/∂x_g
         g = A[i] * J_d.T @ d[i] + B_[i] * (J_d.T @ (yf[i] - x[i]) + (J_f - torch.eye(D)).T @ d[i])
-        if dA is not None:
-            r = logits[i].exp()
-            dr = r * a * pt.w  # ∂r/∂x_g
-            g = g + (0.5 * dA[i] * d[i] @ d[i] + dB[i] * d[i] @ (yf[i] - x[i])) * dr
         out.append(g / omega[i] / B)
     return torch.stack(out)
 
@@ -123,11 +118,11 @@ def test_sid_gradient_runs_through_the_score_networks(alpha):
 
 def test_sim_gradients_are_their_formulas():
     pt = Point()
-    ones = torch.ones(B)
-    # l2: ½[‖δ‖² + 2δ·(y_f - x)] / ω
-    assert torch.allclose(pt.grad(SIMLoss("l2"), True)[0], _score_branch_by_hand(pt, ones, ones), rtol=1e-4,
+    ones, zeros = torch.ones(B), torch.zeros(B)
+    # l2: d = ‖δ‖², ½ d'(δ)·(y_f - x) / ω = δ·(y_f - x) / ω
+    assert torch.allclose(pt.grad(SIMLoss("l2"), True)[0], _score_branch_by_hand(pt, zeros, ones), rtol=1e-4,
                           atol=1e-6)
-    # pseudo-Huber: ½[R - c + δ·(y_f - x)/R] / ω, R = √(‖δ‖² + c²)
+    # pseudo-Huber: ½ δ·(y_f - x) / (R ω), R = √(‖δ‖² + c²), the gradient through R as well (d' is not stopped)
     loss = SIMLoss("pseudo_huber", huber_c=0.5)
     c = 0.5 * D ** 0.5
     x, yr, yf, d, omega, _ = pt.values()
@@ -139,44 +134,35 @@ def test_sim_gradients_are_their_formulas():
         dR = J_d.T @ d[i] / R
         cross = d[i] @ (yf[i] - x[i])
         d_cross = J_d.T @ (yf[i] - x[i]) + (J_f - torch.eye(D)).T @ d[i]
-        by_hand.append(0.5 * (dR + d_cross / R - cross / R ** 2 * dR) / omega[i] / B)
+        by_hand.append(0.5 * (d_cross / R - cross / R ** 2 * dR) / omega[i] / B)
     assert torch.allclose(pt.grad(loss, True)[0], torch.stack(by_hand), rtol=1e-4, atol=1e-6)
 
 
-def test_sim_l2_and_uni_instruct_reverse_kl_are_sid_at_alpha_one_half():
-    """methods.md section 7 (derived): with φ ≡ 1 (reverse KL), (φ - rφ')‖Δ‖² + 2φΔ·(a/s²)(y_f - x_g) is, in y
-    units, ‖δ‖² + 2δ·(y_f - x_g) = 2[δ·(y_r - x_g) - ½‖δ‖²]: twice SiD's integrand at α = 0.5, with (a_t/s_t²)²
-    where SiD has 1/ω. Our loss takes SiD's ω and a factor ½, so the gradients agree (to rounding: the two
-    expressions are summed differently)."""
+def test_sim_l2_and_uni_instruct_reverse_kl_are_sid_at_alpha_one():
+    """The official Uni-Instruct code's reverse-KL branch (a-little-hoof/Uni_Instruct fsim_training_loop.py,
+    commented "# SiD") is its base loss (y_r - y_f)·(y_f - y)/ω: SiD at α = 1; SIM with d = ‖·‖² is the same.
+    methods.md section 7's derivation (which keeps the gradient of the sampling distribution) gives α = 0.5
+    instead: the test shows the two are different losses, and ours follows the code."""
     pt = Point()
-    sid = pt.grad(SiDLoss(0.5), True)[0]
+    sid = pt.grad(SiDLoss(1.0), True)[0]
     assert torch.allclose(pt.grad(UniInstructLoss("reverse_kl"), True)[0], sid, rtol=1e-5, atol=1e-7)
     assert torch.allclose(pt.grad(SIMLoss("l2"), True)[0], sid, rtol=1e-5, atol=1e-7)
-    # and not SiD's default α = 1 (the claim pins α)
-    assert not torch.allclose(pt.grad(SiDLoss(1.0), True)[0], sid, rtol=1e-3)
-
-
-DERIVATIVES = {  # dφ/dr, d(φ - rφ')/dr
-    "reverse_kl": (lambda r: 0 * r, lambda r: 0 * r),
-    "forward_kl": (lambda r: 1 + 0 * r, lambda r: 0 * r),
-    "js": (lambda r: 1 / (1 + r) ** 2, lambda r: 2 * r / (1 + r) ** 3),
-    "hellinger": (lambda r: 0.5 / r.sqrt(), lambda r: 0.25 / r.sqrt()),
-    "jeffreys": (lambda r: 1 + 0 * r, lambda r: 0 * r),
-}
+    assert not torch.allclose(pt.grad(SiDLoss(0.5), True)[0], sid, rtol=1e-3)  # the derivation's α = 0.5 is not it
 
 
 @pytest.mark.parametrize("divergence", list(F_WEIGHTS))
-def test_uni_instruct_gradient_runs_through_scores_and_ratio(divergence):
+def test_uni_instruct_gradient_is_phi_sid_plus_psi_diff_instruct(divergence):
+    """φ(r) δ·(y_f - x)/ω through both score networks, plus ψ(r)‖δ‖δ/ω on x directly, r = exp(logit) detached."""
     pt = Point()
-    *_, logits = pt.values()
-    r = logits.exp()
-    assert ((logits > -10) & (logits < 10) & (r > 0.1) & (r < 20)).all()  # no clamp active: the ratio has gradient
-    phi, score_w = F_WEIGHTS[divergence](r), F_SCORE_WEIGHTS[divergence](r)
-    d_phi, d_score = (f(r) for f in DERIVATIVES[divergence])
+    x, yr, yf, d, omega, logits = pt.values()
+    r = logits.exp().clamp(0.1, 20)
+    phi, psi = F_WEIGHTS[divergence](r), F_DI_WEIGHTS[divergence](r)
     norm = 1.0 if divergence == "reverse_kl" else phi.mean() + 1e-6
-    by_hand = _score_branch_by_hand(pt, score_w / norm, phi / norm, d_score / norm, d_phi / norm)
+    di = (psi / norm)[:, None] * d.norm(dim=1, keepdim=True) * d / omega[:, None] / B
+    by_hand = _score_branch_by_hand(pt, torch.zeros(B), phi / norm) + di
     grad, _ = pt.grad(UniInstructLoss(divergence), True)
     assert torch.allclose(grad, by_hand, rtol=1e-4, atol=1e-6)
+    assert (psi != 0).any() == (divergence in ("js", "hellinger"))  # the DI branch is live where φ is not linear
 
 
 # the f of D_f(p‖q) = E_q[f(p/q)] for each divergence, to check φ = r² f''(r) and φ - rφ' by autograd
@@ -197,9 +183,10 @@ def test_weights_are_r_squared_f_second_derivative(divergence):
     phi = r ** 2 * d2f
     ratio = phi / F_WEIGHTS[divergence](r)
     assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # proportional: a constant factor (½ for js, hellinger)
-    (dphi,) = torch.autograd.grad(phi.sum(), r)
-    score_w = (phi - r * dphi) / ratio[0]
-    assert torch.allclose(score_w, F_SCORE_WEIGHTS[divergence](r.detach()))
+    (dphi,) = torch.autograd.grad(phi.sum(), r, create_graph=True)
+    (d2phi,) = torch.autograd.grad(dphi.sum(), r)
+    psi = -(r ** 2) * d2phi / ratio[0]  # -r² φ'' with φ's constant
+    assert torch.allclose(psi, F_DI_WEIGHTS[divergence](r.detach()))
 
 
 def test_density_ratio_is_clamped_as_fastgen():

@@ -65,7 +65,7 @@ class DistributionMatchingConfig(TrainConfig, StudentShapeOptions):
     divergence: str | None = option(None, "the f-divergence of --generator_loss fdistill (default js) or uni_instruct "
                                           "(default forward_kl)", choices=DIVERGENCES)
     alpha: float = option(1.0, "α of the sid generator loss (1 for SD; 1.2 in the EDM paper; 0.5-1 for new domains)")
-    sim_distance: str | None = option(None, "the distance of --generator_loss sim: l2 (= sid with α 0.5) or "
+    sim_distance: str | None = option(None, "the distance of --generator_loss sim: l2 (= sid with α 1) or "
                                             "pseudo_huber (default)", choices=("l2", "pseudo_huber"))
     sim_huber_c: float = option(0.00054, "pseudo-Huber constant of --generator_loss sim, times √(C·H·W) of the "
                                          "latents (iCT's scaling)")

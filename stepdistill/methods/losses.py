@@ -169,13 +169,15 @@ F_WEIGHTS = {
     "hellinger": lambda r: r.sqrt(),
     "jeffreys": lambda r: 1 + r,
 }
-# φ(r) - r φ'(r): the weight of ‖y_r - y_f‖² in Uni-Instruct's loss (see uni_instruct_loss)
-F_SCORE_WEIGHTS = {
-    "reverse_kl": lambda r: torch.ones_like(r),
+# ψ(r) = -r² φ''(r): the weight of Uni-Instruct's Diff-Instruct branch (see UniInstructLoss), with φ's constants;
+# zero where φ is linear in r. JS: 2r²/(1+r)³, as a-little-hoof/Uni_Instruct fsim_training_loop.py's
+# w_diff_instruct; squared Hellinger: ¼√r.
+F_DI_WEIGHTS = {
+    "reverse_kl": lambda r: torch.zeros_like(r),
     "forward_kl": lambda r: torch.zeros_like(r),
-    "js": lambda r: (r / (1 + r)) ** 2,
-    "hellinger": lambda r: 0.5 * r.sqrt(),
-    "jeffreys": lambda r: torch.ones_like(r),
+    "js": lambda r: 2 * r ** 2 / (1 + r) ** 3,
+    "hellinger": lambda r: 0.25 * r.sqrt(),
+    "jeffreys": lambda r: torch.zeros_like(r),
 }
 DIVERGENCES = tuple(F_WEIGHTS)
 LOGIT_CLAMP = 10.0  # FastGen f_distill.py: logits clamped to [-10, 10] before exp
@@ -234,35 +236,44 @@ class FDistillLoss(GeneratorLoss):
         return loss, {"dm_grad_norm": grad.norm().detach(), "ratio_mean": r.mean(), "h_max": h.max()}
 
 
-def score_family_loss(x_g, y_real, y_fake, score_weight, cross_weight) -> tuple[torch.Tensor, int]:
-    """½ Σ_CHW [A ‖y_r - y_f‖² + 2 B (y_r - y_f)·(y_f - x_g)] / ω per sample, summed over the samples without NaN and
-    divided by the whole batch (SiD-LSG's reduction); A, B per-sample weights. Autograd runs through y_r, y_f (the
-    score networks' inputs), x_g and the weights. A = B = 1 is SiD's loss at α = 0.5:
-    ½‖δ‖² + δ·(y_f - x_g) = δ·(y_r - x_g) - ½‖δ‖², δ = y_r - y_f."""
+def uni_instruct_loss(x_g, y_real, y_fake, sim_weight, di_weight) -> tuple[torch.Tensor, int]:
+    """Σ_CHW [φ δ·(y_f - x_g) + ψ sg(‖δ‖ δ)·x_g] / ω per sample, δ = y_r - y_f, summed over the samples without NaN
+    and divided by the whole batch (SiD-LSG's reduction). Autograd runs through y_r, y_f (the score networks'
+    inputs) and x_g in the first term (SiD's loss at α = 1 when φ ≡ 1) and only into x_g in the second (its
+    gradient on x_g is ψ ‖δ‖ δ / ω); φ, ψ are per-sample constants."""
     b = x_g.shape[0]
     dims = tuple(range(1, x_g.ndim))
-    finite = _finite(x_g, y_real, y_fake, score_weight.view(b, 1), cross_weight.view(b, 1))
+    finite = _finite(x_g, y_real, y_fake, sim_weight.view(b, 1), di_weight.view(b, 1))
     x_g, y_real, y_fake = x_g[finite].float(), y_real[finite].float(), y_fake[finite].float()
-    score_weight, cross_weight = score_weight[finite], cross_weight[finite]
+    sim_weight, di_weight = sim_weight[finite].detach(), di_weight[finite].detach()
     with torch.no_grad():
         omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
+        d_sg = y_real - y_fake
+        di_direction = d_sg * _per_sample(d_sg.flatten(1).norm(dim=1), d_sg)
     delta = y_real - y_fake
-    per_sample = (0.5 * score_weight * (delta ** 2).sum(dim=dims)
-                  + cross_weight * (delta * (y_fake - x_g)).sum(dim=dims)) / omega
+    per_sample = (sim_weight * (delta * (y_fake - x_g)).sum(dim=dims)
+                  + di_weight * (di_direction * x_g).sum(dim=dims)) / omega
     return per_sample.sum() / b, int(b - finite.sum())
 
 
 class UniInstructLoss(GeneratorLoss):
-    """Uni-Instruct (arXiv 2505.20755): the expanded f-divergence ∫ w(t) E_{q_t}[φ(r)‖s_r - s_f‖²] dt, φ = r² f''(r),
-    made trainable. Our derivation (methods.md section 7, re-derived here: the functional θ-dependence of r = p/q
-    gives -rφ'‖Δ‖² by ∫ h ∂_θ q = ∂_θ E_q[h]; that of s_f gives 2φΔ·(a_t/s_t²)(y_f - x_g) by the score-projection
-    identity E_q[u·s_q] = E[u·∇log q(x_t|x_g)]):
-        L = (φ - rφ')‖Δ‖² + 2φ Δ·(a_t/s_t²)(y_f - x_g),  Δ = (a_t/s_t²)(y_r - y_f),
-    backprop through the inputs of both score networks and of the ratio. Here in y units with SiD's ω for
-    (a_t/s_t²)² and a factor ½, so that reverse KL (φ ≡ 1) is SiD's loss with α = 0.5 exactly (tests/
-    test_dm_family.py). Both weights are divided by sg(batch mean φ) (our choice, mirroring f-distill's
-    normalisation; reverse KL is left exact). NOT checked against the paper's Theorem 3.2 text, which we could not
-    retrieve: where they differ, the paper wins."""
+    """Uni-Instruct (arXiv 2505.20755), the estimator of its official code (a-little-hoof/Uni_Instruct,
+    fsim_training/fsim_loss.py generator_share_encoder_loss and fsim_training_loop.py's divergence branches): the
+    SIM/SiD branch δ·(y_f - x_g)/ω (SiD at α = 1, backprop through both score networks' inputs) weighted by
+    φ(r) = r² f''(r), plus a Diff-Instruct branch whose gradient on x_g is ψ(r)‖δ‖δ/ω, ψ = -r² φ''(r) (nonzero for
+    JS and squared Hellinger only); r is read from the discriminator with no gradient. So reverse KL (φ ≡ 1) is
+    SiD's loss at α = 1 (with the GAN term: SiDA), forward KL is r times it. Where we differ from that code:
+      - r = exp(logit) clamped as f-distill (density_ratio); the code computes D/(1-D) from the batch's BCE loss
+        value, which is exp(logit) for D = σ(logit) only before the reduction;
+      - φ and ψ are divided by sg(batch mean φ) (the code: batch sum for forward KL with variance_reduction, none
+        for JS); reverse KL is left exact;
+      - the DI branch uses each sample's ‖δ‖ and SiD's ω (the code: the L2 norm of the whole batch's δ and no ω);
+      - Jeffreys is φ = 1 + r (the code mixes 0.4 r + 0.6); the GAN term is the trainer's, for every divergence
+        (the code drops it for JS);
+      - the code turns the divergence on after 200k images (plain SiD before); we use it from the first step.
+    Our own derivation of the exact gradient (methods.md section 7: (φ - rφ')‖Δ‖² + 2φΔ·(a_t/s_t²)(y_f - x_g), with
+    the gradient of the sampling distribution and through r) is a different estimator: it gives SiD at α = 0.5 for
+    reverse KL where the official code has α = 1."""
 
     name = "uni_instruct"
     input_grad = True
@@ -272,26 +283,27 @@ class UniInstructLoss(GeneratorLoss):
         self.divergence = divergence
 
     def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
-        r = density_ratio(s.logits)
-        phi = F_WEIGHTS[self.divergence](r)
-        score_w = F_SCORE_WEIGHTS[self.divergence](r)
-        if self.divergence != "reverse_kl":
-            norm = phi.detach().mean() + 1e-6
-            phi, score_w = phi / norm, score_w / norm
-        loss, dropped = score_family_loss(s.x_g, s.y_real, s.y_fake, score_w, phi)
-        return loss, {"nan_dropped": float(dropped), "ratio_mean": r.detach().mean()}
+        with torch.no_grad():
+            r = density_ratio(s.logits)
+            phi = F_WEIGHTS[self.divergence](r)
+            psi = F_DI_WEIGHTS[self.divergence](r)
+            if self.divergence != "reverse_kl":
+                norm = phi.mean() + 1e-6
+                phi, psi = phi / norm, psi / norm
+        loss, dropped = uni_instruct_loss(s.x_g, s.y_real, s.y_fake, phi, psi)
+        return loss, {"nan_dropped": float(dropped), "ratio_mean": r.mean()}
 
 
 class SIMLoss(GeneratorLoss):
-    """Score Implicit Matching (Luo et al. 2024, arXiv 2410.16794): a distance d on Δ = s_r - s_f, trained through
-    the score-projection identity. Our derivation, as Uni-Instruct's with a general d: the gradient of E_q[d(Δ)] is
-    that of d(Δ) + d'(Δ)·(a_t/s_t²)(y_f - x_g) with backprop through both score networks' inputs (d' included);
-    here in y units (δ = y_r - y_f) with SiD's ω and a factor ½:
-        l2:           d = ‖δ‖²,            ½[‖δ‖² + 2δ·(y_f - x_g)] / ω  = SiD with α = 0.5
-        pseudo_huber: d = √(‖δ‖² + c²) - c, ½[d + δ·(y_f - x_g)/√(‖δ‖² + c²)] / ω   (the paper's default d)
-    with c = sim_huber_c · √(C·H·W) (iCT's scaling of the pseudo-Huber constant; the SIM paper's own constant was
-    not retrieved, and our default 0.00054 is iCT's, not SIM's). Unverified against the paper's exact loss: the
-    paper's text was not retrievable here; it may apply a stop-gradient to d'(·), which changes the estimator."""
+    """Score Implicit Matching (Luo et al. 2024, arXiv 2410.16794): a distance d on the score gap, trained through
+    the score-projection identity; the generator's loss is -d'(y_t)·(s_sg(u)(x_t) - ∇ log q_t(x_t|x_0)), with the
+    gradient through x_t everywhere, d' included, and the fake score's parameters stopped. In y units (δ = y_r - y_f,
+    s_f - ∇log q(x_t|x_g) ∝ y_f - x_g) with SiD's ω for the per-t factor, and a factor ½:
+        l2:           d = ‖δ‖²,            d' = 2δ:   δ·(y_f - x_g) / ω  = SiD with α = 1 ("SiD is SIM with l2")
+        pseudo_huber: d = √(‖δ‖² + c²) - c, d' = δ/√(‖δ‖² + c²):   ½ δ·(y_f - x_g) / (√(‖δ‖² + c²) ω)  (SIM's d)
+    with c = sim_huber_c · √(C·H·W) (iCT's scaling). Differs from the paper: d is taken on δ (clean-estimate
+    units) rather than on the score gap (a_t/s_t²)δ, so our c is c·a_t/s_t² in score units; the default 0.00054
+    is iCT's (SIM's own constant was not retrievable: maple-research-lab/SIM publishes inference code only)."""
 
     name = "sim"
     input_grad = True
@@ -300,11 +312,10 @@ class SIMLoss(GeneratorLoss):
         self.distance, self.huber_c = distance, huber_c
 
     def __call__(self, s: ScorePair) -> tuple[torch.Tensor, dict]:
-        b = s.x_g.shape[0]
         if self.distance == "l2":
-            ones = torch.ones(b, device=s.x_g.device)
-            loss, dropped = score_family_loss(s.x_g, s.y_real, s.y_fake, ones, ones)
+            loss, dropped = sid_loss(s.x_g, s.y_real, s.y_fake, 1.0)
             return loss, {"nan_dropped": float(dropped)}
+        b = s.x_g.shape[0]
         dims = tuple(range(1, s.x_g.ndim))
         finite = _finite(s.x_g, s.y_real, s.y_fake)
         x_g, y_real, y_fake = s.x_g[finite].float(), s.y_real[finite].float(), s.y_fake[finite].float()
@@ -313,7 +324,7 @@ class SIMLoss(GeneratorLoss):
             omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
         delta = y_real - y_fake
         root = ((delta ** 2).sum(dim=dims) + c ** 2).sqrt()
-        per_sample = 0.5 * ((root - c) + (delta * (y_fake - x_g)).sum(dim=dims) / root) / omega
+        per_sample = 0.5 * (delta * (y_fake - x_g)).sum(dim=dims) / root / omega
         return per_sample.sum() / b, {"nan_dropped": float(b - finite.sum())}
 
 
