@@ -241,7 +241,8 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, method: str, n
             raise failed[0] from e
         raise
     barrier()
-    if is_main:
+    failure = None  # the main process's own write fails alone: it still meets the others at the last barrier, and
+    if is_main:     # the caller's all-process check (Trainer._any_process) stops every process together
         meta: dict[str, Any] = {
             "method": method, "step": step, "format": SHARDED_FORMAT, "num_processes": num_processes,
             "networks": sorted(networks), "copies": sorted(copies), "modules": sorted([*networks, *copies]),
@@ -252,16 +253,18 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, *, method: str, n
             (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1))
             with open(tmp / STATE_NAME, "rb") as fh:
                 os.fsync(fh.fileno())
-        except BaseException:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
+            failure = e
+        if failure is None and total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+    if failure is not None:
+        raise failure
     return final
 
 

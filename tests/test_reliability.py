@@ -298,3 +298,28 @@ def test_disk_full_while_writing_the_output(tiny_sd_path, digits_dir, tmp_path, 
     assert run("lcm", args + ["--resume_from_checkpoint", "latest"]) == 0
     assert (out / LORA_WEIGHTS_NAME).is_file() and (out / "stepdistill.json").is_file()
     assert "samples/step-000002.png" in (out / "README.md").read_text()  # the card shows the grid
+
+
+def test_a_failed_state_write_in_a_sharded_checkpoint_still_meets_the_other_processes(tmp_path, monkeypatch):
+    """Under FSDP the main process alone writes state.json after every process wrote its shards. When that write
+    fails, the main process must still reach the last barrier (the others wait there) and only then raise, so that
+    the trainer's all-process check stops every process together instead of leaving them waiting."""
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    kwargs = dict(method="lcm", networks={"unet": net}, optimizers={"unet": opt}, schedulers={}, copies={},
+                  total_limit=None, is_main=True, num_processes=1)
+    barriers = []
+    ck.save_sharded_checkpoint(tmp_path / "ok", 1, barrier=lambda: barriers.append("ok"), **kwargs)
+    real_write = Path.write_text
+
+    def full_disk_for_state(self, *a, **k):
+        if self.name == ck.STATE_NAME:
+            _disk_full(self)
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full_disk_for_state)
+    with pytest.raises(OSError) as e:
+        ck.save_sharded_checkpoint(tmp_path / "full", 1, barrier=lambda: barriers.append("full"), **kwargs)
+    assert e.value.errno == errno.ENOSPC
+    assert barriers.count("full") == barriers.count("ok") == 3  # every barrier met, as the other processes do
+    assert list((tmp_path / "full").iterdir()) == []  # neither checkpoint-1 nor its temporary
