@@ -12,7 +12,7 @@ from stepdistill.preflight import preflight
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_scripts" / "configs" / "tiny_digits"
 METHOD_OF = {"lcm_lora": "lcm", "tscd": "tscd", "dmd2": "dmd2", "dmd2_4step": "dmd2", "sid": "sid", "sid_4step": "sid",
-             "agd": "agd", "msd": "msd", "tscd_then_dm": "stages", "fdistill_js": "dmd2", "uni_instruct_fkl": "sid"}
+             "agd": "agd", "msd": "msd", "tscd_then_dm": "stages", "dmd2_then_msd": "stages", "fdistill_js": "dmd2", "uni_instruct_fkl": "sid"}
 
 
 def test_every_shipped_config_is_covered():
