@@ -1,5 +1,6 @@
 """The MSD budget curve on tiny-digits: digits-FID of K = 1, 2, 4 one-step students at equal total training compute
-(K students x N/K iterations) and at equal iterations per student (K x N), from `stepdistill toy quality
+(K students x N/K iterations, or N/2 for one student whose generator then starts K students of N/2K each) and at
+equal iterations per student (K x N), from `stepdistill toy quality
 --output_json` files; prints the table and writes the plot.
 
     python eval/msd_curve.py --teacher_fid 7.060 --plot assets/figures/msd_curve.png \
@@ -20,7 +21,9 @@ from stepdistill.plots import plot_series  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="+", help="SERIES:K:ITERATIONS_PER_STUDENT:QUALITY_JSON, or "
-                                                "SERIES:K:ITERATIONS_PER_STUDENT:=FID,AGREEMENT for a recorded figure")
+                                                "SERIES:K:ITERATIONS_PER_STUDENT:=FID,AGREEMENT for a recorded figure; "
+                                                "ITERATIONS_PER_STUDENT may be PER+SHARED: students started from one "
+                                                "student trained SHARED iterations (dmd2_then_msd.yaml)")
     parser.add_argument("--teacher_fid", type=float, required=True)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -34,8 +37,10 @@ def main() -> None:
             row = {"digits_fid": fid, "prompt_agreement": agreement}
         else:
             row = next(r for r in json.loads(Path(source).read_text())["rows"] if r["nfe"] == 1)
-        k, iterations = int(k), int(iterations)
-        print(f"| {name} | {k} | {iterations} | {k * iterations} | {row['digits_fid']:.3f} | "
+        per, _, shared = iterations.partition("+")
+        k, per, shared = int(k), int(per), int(shared or 0)
+        label = f"{shared} shared + {per}" if shared else str(per)
+        print(f"| {name} | {k} | {label} | {shared + k * per} | {row['digits_fid']:.3f} | "
               f"{row['digits_fid'] / args.teacher_fid:.2f}x | {100 * row['prompt_agreement']:.1f} % |")
         series.setdefault(name, []).append((k, row["digits_fid"]))
     if args.plot:
