@@ -263,8 +263,9 @@ class UniInstructLoss(GeneratorLoss):
     φ(r) = r² f''(r), plus a Diff-Instruct branch whose gradient on x_g is ψ(r)‖δ‖δ/ω, ψ = -r² φ''(r) (nonzero for
     JS and squared Hellinger only); r is read from the discriminator with no gradient. So reverse KL (φ ≡ 1) is
     SiD's loss at α = 1 (with the GAN term: SiDA), forward KL is r times it. Where we differ from that code:
-      - r = exp(logit) clamped as f-distill (density_ratio); the code computes D/(1-D) from the batch's BCE loss
-        value, which is exp(logit) for D = σ(logit) only before the reduction;
+      - r = exp(logit) clamped as f-distill (density_ratio), which is D/(1-D) for D = σ(logit); the code applies
+        the D/(1-D) formula (as -L/(1-L)) to its GAN loss value L, a BCE (-log σ(logit), reduced and rescaled),
+        not to σ(logit);
       - φ and ψ are divided by sg(batch mean φ) (the code: batch sum for forward KL with variance_reduction, none
         for JS); reverse KL is left exact;
       - the DI branch uses each sample's ‖δ‖ and SiD's ω (the code: the L2 norm of the whole batch's δ and no ω);
