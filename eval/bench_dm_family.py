@@ -8,6 +8,7 @@ and may want their own: a first comparison, not a tuned one).
 
     python eval/bench_dm_family.py --budget smoke     # 5 iterations, 50 images: shows it runs (9 min on 2 busy CPU cores)
     python eval/bench_dm_family.py --budget medium    # 1000 iterations, batch 64, 1000 images: ~8 min a member at 1 thread
+    python eval/bench_dm_family.py --budget timing    # 30 iterations each, one after the other: the s / iteration column
     python eval/bench_dm_family.py --budget full      # the config's 2000 iterations, batch 64, 1000 images: hours
 
 Trained outputs go to runs/bench_dm_family/<budget>/<member>/ and a finished one is reused; the table is printed and
@@ -45,7 +46,8 @@ MEMBERS = {
     "sim (pseudo-Huber), no GAN": ["--generator_loss", "sim", "--sim_distance", "pseudo_huber", "--gan", "false"],
 }
 # iterations (generator updates = iterations / 5 with the config's TTUR), batch, images scored
-BUDGETS = {"full": (2000, 64, 1000), "medium": (1000, 64, 1000), "quick": (200, 64, 300), "smoke": (5, 4, 50)}
+BUDGETS = {"full": (2000, 64, 1000), "medium": (1000, 64, 1000), "quick": (200, 64, 300), "timing": (30, 64, 50),
+           "smoke": (5, 4, 50)}
 
 
 def slug(name: str) -> str:
@@ -72,6 +74,15 @@ def train(name: str, budget: str, runs_dir: Path, threads: int) -> dict:
               "train_minutes": (time.perf_counter() - start) / 60}
     record_file.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def seconds_per_iteration(run_dir: Path) -> float:
+    """Mean logged seconds per iteration after the first 5 (warm-up), over whole TTUR cycles of 5 iterations (one
+    generator update each)."""
+    steps = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["sec_per_step"] for r in steps if r["step"] > 5 and "sec_per_step" in r]
+    times = times[: len(times) // 5 * 5] or times
+    return sum(times) / len(times)
 
 
 def main() -> None:
@@ -104,8 +115,8 @@ def main() -> None:
     lines = [f"tiny-digits, one step, DMD2's trainer and config for every member; {iterations} iterations "
              f"({iterations // 5} generator updates), batch {batch}, {num_images} held-out prompts scored, "
              f"{args.threads} thread(s); teacher digits-FID {teacher_fid:.3f} (25 DDIM steps, CFG 3).", "",
-             "| `--generator_loss` | options | digits-FID | FID / teacher | prompt agreement | training min |",
-             "|---|---|---|---|---|---|"]
+             "| `--generator_loss` | options | digits-FID | FID / teacher | prompt agreement | training min | s / iteration |",
+             "|---|---|---|---|---|---|---|"]
     for name in args.members:
         record = train(name, args.budget, runs_dir, args.threads)
         score_file = runs_dir / slug(name) / f"score-{num_images}.json"
@@ -118,7 +129,7 @@ def main() -> None:
             score_file.write_text(json.dumps(r, indent=1) + "\n")
         lines.append(f"| {name} | `{' '.join(MEMBERS[name])}` | {r['digits_fid']:.3f} | "
                      f"{r['digits_fid'] / teacher_fid:.2f}x | {100 * r['prompt_agreement']:.1f} % | "
-                     f"{record['train_minutes']:.1f} |")
+                     f"{record['train_minutes']:.1f} | {seconds_per_iteration(runs_dir / slug(name)):.3f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.members == list(MEMBERS):  # a partial run (--members) prints its rows but leaves the table alone
