@@ -7,7 +7,7 @@ config's, tuned for ``dmd`` (the score-branch members, ``sid``/``sim``/``uni_ins
 and may want their own: a first comparison, not a tuned one).
 
     python eval/bench_dm_family.py --budget smoke     # 5 iterations, 50 images: shows it runs (9 min on 2 busy CPU cores)
-    python eval/bench_dm_family.py --budget medium    # 1000 iterations, batch 64, 1000 images: ~8 min a member at 1 thread
+    python eval/bench_dm_family.py --budget medium    # 1000 iterations, batch 64, 1000 images: ~12 min a member at 1 thread
     python eval/bench_dm_family.py --budget timing    # 30 iterations each, one after the other: the s / iteration column
     python eval/bench_dm_family.py --budget full      # the config's 2000 iterations, batch 64, 1000 images: hours
 

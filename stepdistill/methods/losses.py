@@ -125,6 +125,18 @@ def _finite(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.stack([v.flatten(1).isfinite().all(1) for v in tensors]).all(0)
 
 
+def _kept_samples(x_g, y_real, y_fake, *weights):
+    """The samples whose x_g, y_r, y_f and per-sample weights are all finite (x_g, y_r, y_f in float32), SiD's
+    per-sample normaliser ω = sg(mean_CHW |x_g - y_r|).clip(1e-5) of those, and how many were dropped (the score
+    losses sum the kept samples and divide by the whole batch, as SiD-LSG)."""
+    b = x_g.shape[0]
+    finite = _finite(x_g, y_real, y_fake, *(w.view(b, 1) for w in weights))
+    kept = [x_g[finite].float(), y_real[finite].float(), y_fake[finite].float(), *(w[finite] for w in weights)]
+    with torch.no_grad():
+        omega = (kept[0] - kept[1]).abs().mean(dim=tuple(range(1, x_g.ndim))).clip(min=1e-5)
+    return kept, omega, int(b - finite.sum())
+
+
 def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> tuple[torch.Tensor, int]:
     """SiD's generator loss (SiD paper eq. 21; SiD-LSG sid_sd_loss): Σ_CHW (y_r - y_f)·((y_r - x_g) - α (y_r - y_f))
     / ω with ω = sg(mean_CHW|x_g - y_r|).clip(1e-5), summed over the samples without NaN and divided by the whole
@@ -241,19 +253,15 @@ def uni_instruct_loss(x_g, y_real, y_fake, sim_weight, di_weight) -> tuple[torch
     and divided by the whole batch (SiD-LSG's reduction). Autograd runs through y_r, y_f (the score networks'
     inputs) and x_g in the first term (SiD's loss at α = 1 when φ ≡ 1) and only into x_g in the second (its
     gradient on x_g is ψ ‖δ‖ δ / ω); φ, ψ are per-sample constants."""
-    b = x_g.shape[0]
-    dims = tuple(range(1, x_g.ndim))
-    finite = _finite(x_g, y_real, y_fake, sim_weight.view(b, 1), di_weight.view(b, 1))
-    x_g, y_real, y_fake = x_g[finite].float(), y_real[finite].float(), y_fake[finite].float()
-    sim_weight, di_weight = sim_weight[finite].detach(), di_weight[finite].detach()
-    with torch.no_grad():
-        omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
-        d_sg = y_real - y_fake
-        di_direction = d_sg * _per_sample(d_sg.flatten(1).norm(dim=1), d_sg)
+    b, dims = x_g.shape[0], tuple(range(1, x_g.ndim))
+    (x_g, y_real, y_fake, sim_weight, di_weight), omega, dropped = _kept_samples(x_g, y_real, y_fake, sim_weight,
+                                                                                 di_weight)
     delta = y_real - y_fake
-    per_sample = (sim_weight * (delta * (y_fake - x_g)).sum(dim=dims)
-                  + di_weight * (di_direction * x_g).sum(dim=dims)) / omega
-    return per_sample.sum() / b, int(b - finite.sum())
+    d_sg = delta.detach()
+    di_direction = d_sg * _per_sample(d_sg.flatten(1).norm(dim=1), d_sg)
+    per_sample = (sim_weight.detach() * (delta * (y_fake - x_g)).sum(dim=dims)
+                  + di_weight.detach() * (di_direction * x_g).sum(dim=dims)) / omega
+    return per_sample.sum() / b, dropped
 
 
 class UniInstructLoss(GeneratorLoss):
@@ -316,17 +324,13 @@ class SIMLoss(GeneratorLoss):
         if self.distance == "l2":
             loss, dropped = sid_loss(s.x_g, s.y_real, s.y_fake, 1.0)
             return loss, {"nan_dropped": float(dropped)}
-        b = s.x_g.shape[0]
-        dims = tuple(range(1, s.x_g.ndim))
-        finite = _finite(s.x_g, s.y_real, s.y_fake)
-        x_g, y_real, y_fake = s.x_g[finite].float(), s.y_real[finite].float(), s.y_fake[finite].float()
+        b, dims = s.x_g.shape[0], tuple(range(1, s.x_g.ndim))
+        (x_g, y_real, y_fake), omega, dropped = _kept_samples(s.x_g, s.y_real, s.y_fake)
         c = self.huber_c * float(torch.tensor(x_g.shape[1:]).prod()) ** 0.5
-        with torch.no_grad():
-            omega = (x_g - y_real).abs().mean(dim=dims).clip(min=1e-5)
         delta = y_real - y_fake
         root = ((delta ** 2).sum(dim=dims) + c ** 2).sqrt()
         per_sample = 0.5 * (delta * (y_fake - x_g)).sum(dim=dims) / root / omega
-        return per_sample.sum() / b, {"nan_dropped": float(b - finite.sum())}
+        return per_sample.sum() / b, {"nan_dropped": float(dropped)}
 
 
 GENERATOR_LOSSES = ("dmd", "diff_instruct", "sid", "sim", "fdistill", "uni_instruct")
